@@ -1,0 +1,31 @@
+# Pin the CPU build of torch where there is no GPU: an unpinned torch pulls several GB of CUDA wheels.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+
+.PHONY: install install-test test test-all lint demo format
+
+install:
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e .
+
+install-test:
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[test]"
+
+test: install-test
+	$(PYTHON) -m pytest -q
+
+test-all: install-test
+	$(PYTHON) -m pytest -q -m "not gpu"
+
+lint:
+	ruff check src tests recipes benchmarks
+	ruff format --check src tests recipes benchmarks
+
+format:
+	ruff check --fix src tests recipes benchmarks
+	ruff format src tests recipes benchmarks
+
+demo: install
+	$(PYTHON) recipes/pipeline.py --config recipes/configs/toy.yaml

@@ -1,0 +1,1 @@
+"""svpo_trl.models."""

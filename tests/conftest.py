@@ -1,0 +1,48 @@
+"""Shared fixtures: a tokenizer trained locally and tiny models (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+FIGURE5_STEPS = [
+    "<step>\n<p>\nTo calculate Haley's height after 10 years, I need to add 10 times the growth rate of 3 "
+    "inches to her current height.\n</p>\n<code>\n```python\ncurrent_height = 20\ngrowth_rate = 3\nyears = 10\n"
+    "future_height = current_height + (growth_rate * years)\nprint(future_height)\n```\n</code>\n"
+    "<output>\n50\n</output>\n</step>\n",
+    "<step>\n<p>\nI have calculated Haley's height after 10 years. Haley will be 50 inches tall\nafter 10 "
+    "years.\n</p>\n<p>\nFinal Answer: $50$\n</p>\n</step>\n",
+]
+FIGURE5_QUESTION = (
+    "Haley grows at the rate of 3 inches every year. If she is currently 20 inches tall,\n"
+    "what will be her height after 10 years?"
+)
+
+
+def _corpus() -> list[str]:
+    from svpo_trl.steps import DEFAULT_FORMAT
+
+    text = DEFAULT_FORMAT.render_solution(FIGURE5_QUESTION, FIGURE5_STEPS)
+    digits = " ".join(str(i) for i in range(200))
+    return [text, digits, "a = 3\nb = 4\nprint(a + b * 2 - 7 // 2)\n", "Final Answer: $12$"] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from svpo_trl.toy import train_tokenizer
+
+    return train_tokenizer(_corpus(), vocab_size=400)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from svpo_trl.toy import tiny_llama
+
+    return tiny_llama(tiny_tokenizer, seed=0)
