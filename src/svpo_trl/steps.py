@@ -76,12 +76,10 @@ def extract_final_answer(text: str) -> str | None:
 
     Returns None when there is no ``Final Answer:`` marker or it is empty.
     """
-    match = None
-    for match in _FINAL_ANSWER.finditer(text):
-        pass
-    if match is None:
+    markers = list(_FINAL_ANSWER.finditer(text))
+    if not markers:
         return None
-    answer = match.group(1)
+    answer = markers[-1].group(1)
     # The answer paragraph ends at the closing </p> (or the end of the step).
     answer = re.split(r"</p>|</step>", answer, maxsplit=1)[0].strip()
     boxed = last_boxed(answer)
@@ -123,7 +121,9 @@ class StepFormat:
 
     def render_answer_step(self, analysis: str, answer: str) -> str:
         """An A-step: analysis and ``Final Answer: $answer$``."""
-        return f"<step>\n<p>\n{analysis.strip()}\n</p>\n<p>\nFinal Answer: ${answer.strip()}$\n</p>\n</step>\n"
+        return (
+            f"<step>\n<p>\n{analysis.strip()}\n</p>\n<p>\nFinal Answer: ${answer.strip()}$\n</p>\n</step>\n"
+        )
 
     def render_solution(self, question: str, steps: list[str]) -> str:
         """Prompt plus the concatenated step texts."""
