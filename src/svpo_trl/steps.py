@@ -19,6 +19,7 @@ StepKind = Literal["code", "answer", "malformed"]
 
 _CODE_FENCE = re.compile(r"^\s*```(?:python|py)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _FINAL_ANSWER = re.compile(r"Final Answer\s*:\s*(.*)", re.DOTALL)
+_FINAL_ANSWER_MARKER = re.compile(r"Final Answer\s*:\s*")
 
 
 @dataclass
@@ -76,12 +77,12 @@ def extract_final_answer(text: str) -> str | None:
 
     Returns None when there is no ``Final Answer:`` marker or it is empty.
     """
-    markers = list(_FINAL_ANSWER.finditer(text))
+    markers = list(_FINAL_ANSWER_MARKER.finditer(text))
     if not markers:
         return None
-    answer = markers[-1].group(1)
+    answer = text[markers[-1].end() :]
     # The answer paragraph ends at the closing </p> (or the end of the step).
-    answer = re.split(r"</p>|</step>", answer, maxsplit=1)[0].strip()
+    answer = re.split(r"</p>|</step>", answer, maxsplit=1)[0].strip().rstrip(".").strip()
     boxed = last_boxed(answer)
     if boxed is not None:
         answer = boxed
