@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import FIGURE5_QUESTION, FIGURE5_STEPS
 
 from svpo_trl.steps import DEFAULT_FORMAT, StepFormat, extract_final_answer, last_boxed
+
+from conftest import FIGURE5_QUESTION, FIGURE5_STEPS
 
 F = DEFAULT_FORMAT
 
