@@ -54,7 +54,7 @@ from trl.trainer.utils import pad
 from ..models.value_head import ValueHeadForCausalLM
 from ..steps import DEFAULT_FORMAT, StepFormat
 from ..tokenization import tokenize_solution
-from .losses import implicit_reward_margin, svpo_loss_terms, value_margin, value_mse
+from .losses import svpo_loss_terms, value_margin, value_mse
 from .svpo_config import SVPOConfig
 
 # Keys the collator adds for the value terms; they are not model inputs.
@@ -445,9 +445,6 @@ class SVPOTrainer(DPOTrainer):
             means,
             chosen_logps=chosen_logps,
             rejected_logps=rejected_logps,
-            reward_margin=implicit_reward_margin(
-                chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta
-            ),
             chosen_rewards=self.beta * (chosen_logps - ref_chosen_logps).detach(),
             rejected_rewards=self.beta * (rejected_logps - ref_rejected_logps).detach(),
             chosen_values=chosen_values.detach(),
@@ -478,7 +475,7 @@ class SVPOTrainer(DPOTrainer):
         metrics["rewards/accuracies"].append(
             gather((chosen_rewards > rejected_rewards).float()).mean().item()
         )
-        metrics["rewards/margins"].append(gather(tensors["reward_margin"].detach()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(tensors["chosen_logps"].detach()).mean().item())
         metrics["logps/rejected"].append(gather(tensors["rejected_logps"].detach()).mean().item())
 
