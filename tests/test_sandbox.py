@@ -108,9 +108,12 @@ def test_infinite_loop_killed_near_the_time_limit(sandbox):
 
 def test_runaway_memory(sandbox):
     assert sandbox.run(["x = bytearray(1024 ** 3)"]).error == "MemoryError"
-    grow = "chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 1024 ** 2))"
-    result = sandbox.run([grow])
-    assert result.error.startswith("MemoryError") and not result.timed_out
+    # Growing to the limit takes a few tenths of a second, more on a loaded machine: a longer timeout.
+    with PythonSandbox(timeout_s=10, memory_mb=128, num_workers=1) as box:
+        grow = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 * 1024 ** 2))"
+        result = box.run(["print('growing')", grow])
+        assert result == ExecResult("", "MemoryError", False)
+        assert box.run(["x = 'still fine'\nx"]).stdout == "'still fine'"
     assert_pool_healthy(sandbox)
 
 
@@ -149,7 +152,7 @@ def test_deep_recursion(sandbox):
 def test_huge_output_truncated(sandbox):
     result = sandbox.run(["print('x' * 250)"])
     assert result.stdout == "x" * 100 + "\n... [output truncated: 151 more characters]"
-    result = sandbox.run(["for i in range(10 ** 6):\n    print(i)"])
+    result = sandbox.run(["for i in range(10 ** 5):\n    print(i)"])
     assert result.stdout.startswith("0\n1\n2\n") and "[output truncated:" in result.stdout
     assert len(result.stdout) < 160
     assert_pool_healthy(sandbox)
