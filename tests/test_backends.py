@@ -102,8 +102,8 @@ def test_stop_string_cuts_text_and_tokens(tiny_model, tiny_tokenizer):
 def test_seeds_reproducible(tiny_model, tiny_tokenizer):
     def run(seed):
         backend = HFBackend(tiny_model, tiny_tokenizer, batch_size=4, seed=seed)
-        first = backend.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=8, stop=[])
-        second = backend.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=8, stop=[])
+        first = backend.generate(PROMPTS[:2], n=2, temperature=1.0, max_new_tokens=5, stop=[])
+        second = backend.generate(PROMPTS[:2], n=2, temperature=1.0, max_new_tokens=5, stop=[])
         return [[c.token_ids for c in g] for g in first], [[c.token_ids for c in g] for g in second]
 
     torch.manual_seed(123)
@@ -154,3 +154,20 @@ def test_values_needs_a_value_head(tiny_model, tiny_tokenizer):
     backend = HFBackend(tiny_model, tiny_tokenizer)
     with pytest.raises(TypeError, match="has no value head"):
         backend.values(PROMPTS)
+
+
+def test_values_at_last_token_batched_equals_unbatched(tiny_model, tiny_tokenizer):
+    from svpo_trl.models.value_head import ValueHeadForCausalLM
+
+    model = ValueHeadForCausalLM.from_causal_lm(tiny_model)
+    backend = HFBackend(model, tiny_tokenizer, batch_size=2)
+    texts = [PROMPTS[0] + "<step>\n<p>\n", PROMPTS[1], PROMPTS[2]]
+    values = backend.values(texts)
+    assert len(values) == 3
+    for text, value in zip(texts, values):
+        ids = torch.tensor([backend._encode(text)])
+        with torch.no_grad():
+            expected = model(input_ids=ids).values[0, -1].item()
+        assert value == pytest.approx(expected, abs=1e-5)
+        assert -1.0 <= value <= 1.0
+    assert len({round(v, 6) for v in values}) == 3  # different states, different values

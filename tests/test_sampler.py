@@ -192,3 +192,20 @@ def test_bad_input_is_rejected_clearly():
     with pytest.raises(ValueError, match="n must be >= 1"):
         sampler.next_steps([State(PROMPT)], n=0, temperature=1.0)
     assert sampler.next_steps([], n=2, temperature=1.0) == []
+
+
+def test_real_sandbox_runs_code_with_history_and_errors():
+    from svpo_trl.sandbox import PythonSandbox
+
+    first = DEFAULT_FORMAT.render_code_step("Set x.", "x = 5", "")
+    state = State(PROMPT, [DEFAULT_FORMAT.parse(first)])
+    use_x = "<step>\n<p>\nUse x.\n</p>\n<code>\n```python\nprint(x * 2)\n```\n</code>"
+    divide = "<step>\n<p>\nDivide.\n</p>\n<code>\n```python\nprint(x)\nprint(1 / 0)\n```\n</code>"
+    with PythonSandbox(timeout_s=5.0) as sandbox:
+        sampler = StepSampler(ScriptedBackend({state.text: [use_x, divide]}), sandbox=sandbox)
+        [[ok, failed]] = sampler.next_steps([state], n=2, temperature=1.0)
+    assert ok.kind == "code" and ok.output == "10"
+    assert failed.kind == "code" and not failed.is_terminal
+    assert failed.output == "5\nZeroDivisionError: division by zero"
+    assert failed.text.endswith("<output>\n5\nZeroDivisionError: division by zero\n</output>\n</step>\n")
+    assert sampler.executions == 2

@@ -215,3 +215,75 @@ def test_bad_config_and_questions():
     sbs = SBSGenerator(RecordingBackend(), sandbox=FakeSandbox())
     with pytest.raises(ValueError, match=r"questions\[1\]"):
         sbs.generate(["Q", ""])
+
+
+# ---------------------------------------------------------------------- with a real tiny model
+def _value_model(tokenizer, memorize_figure5: bool):
+    """A tiny Llama with a value head; optionally overfit on the Figure 5 solution so it writes steps."""
+    import torch
+
+    from svpo_trl.models.value_head import ValueHeadForCausalLM
+    from svpo_trl.steps import DEFAULT_FORMAT
+    from svpo_trl.tokenization import tokenize_solution
+    from svpo_trl.toy import tiny_llama
+
+    from conftest import FIGURE5_QUESTION, FIGURE5_STEPS
+
+    model = ValueHeadForCausalLM.from_causal_lm(tiny_llama(tokenizer, seed=0))
+    if memorize_figure5:
+        tok = tokenize_solution(
+            tokenizer, DEFAULT_FORMAT.prompt(FIGURE5_QUESTION), FIGURE5_STEPS, add_eos=True
+        )
+        ids = torch.tensor([tok.input_ids])
+        labels = torch.tensor([[i if m else -100 for i, m in zip(tok.input_ids, tok.completion_mask)]])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        torch.manual_seed(0)
+        for _ in range(90):
+            model(input_ids=ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model
+
+
+def test_sbs_with_real_value_head_model(tiny_tokenizer):
+    # An untrained model never closes a step within 6 tokens: every candidate is malformed and
+    # finishes in round 1; the answer is the best-valued of the finished beams, valued by the head.
+    from svpo_trl.search.backends import HFBackend
+
+    backend = HFBackend(_value_model(tiny_tokenizer, memorize_figure5=False), tiny_tokenizer, seed=0)
+    config = SBSConfig(beam_width=2, num_samples=3, max_new_tokens=6)
+    results = SBSGenerator(backend, config, sandbox=FakeSandbox()).generate(
+        ["What is 1 + 1?", "What is 2 * 3?"]
+    )
+    for question, result in zip(["What is 1 + 1?", "What is 2 * 3?"], results):
+        assert result.steps[0].is_malformed and result.finished and result.final_answer is None
+        assert len(result.candidates) == 2
+        assert result.value == max(c["value"] for c in result.candidates)
+        [expected] = backend.values([f"<question>{question}</question>\n" + result.solution])
+        assert result.value == pytest.approx(expected, abs=1e-5)
+        assert 1 <= result.num_tokens <= 3 * 6
+
+
+@pytest.mark.slow
+def test_sbs_and_greedy_end_to_end_with_real_sandbox(tiny_tokenizer):
+    # A tiny policy that memorized Figure 5 writes the code step, the real sandbox prints 50, and the
+    # policy reads it into its final answer: generation, stop strings, execution, values, beams.
+    from svpo_trl.sandbox import PythonSandbox
+    from svpo_trl.search.backends import HFBackend
+
+    from conftest import FIGURE5_QUESTION, FIGURE5_STEPS
+
+    backend = HFBackend(_value_model(tiny_tokenizer, memorize_figure5=True), tiny_tokenizer, seed=0)
+    with PythonSandbox() as sandbox:
+        [g] = greedy(backend, [FIGURE5_QUESTION], sandbox=sandbox)
+        results = SBSGenerator(backend, SBSConfig(beam_width=2, num_samples=3), sandbox=sandbox).generate(
+            [FIGURE5_QUESTION, FIGURE5_QUESTION]
+        )
+    assert g.final_answer == "50" and g.value is None
+    assert g.solution == "".join(FIGURE5_STEPS)
+    assert g.steps[0].output == "50"
+    for r in results:
+        assert r.final_answer == "50"
+        assert r.steps[0].kind == "code" and r.steps[0].output == "50"
+        assert -1.0 <= r.value <= 1.0
+        assert r.num_tokens >= sum(s.num_tokens for s in r.steps)
