@@ -312,3 +312,45 @@ def test_saved_layout_and_reload(tmp_path):
         "rejected_node_id",
     }
     assert Path(tmp_path / "summary.json").exists()
+
+
+def _check_tree_statistics(nodes: list[dict]) -> None:
+    """Eq. 6 invariants: N(node) = [expanded] + Σ N(children); N·Q = Σ N·Q (leaves back up 0)."""
+    children: dict[int, list[dict]] = {n["node_id"]: [] for n in nodes}
+    for n in nodes[1:]:
+        children[n["parent_id"]].append(n)
+    for n in nodes:
+        kids = children[n["node_id"]]
+        if n["is_terminal"]:
+            assert not kids and n["visit_count"] == 1 and n["q_value"] == n["reward"] == -1.0
+            continue
+        expanded = 1 if kids else 0
+        assert n["visit_count"] == expanded + sum(k["visit_count"] for k in kids)
+        total = sum(k["visit_count"] * k["q_value"] for k in kids)
+        assert n["visit_count"] * n["q_value"] == pytest.approx(total)
+
+
+def test_end_to_end_with_a_tiny_real_model(tmp_path, tiny_tokenizer, tiny_model):
+    from svpo_trl.search.backends import HFBackend
+
+    tiny_model.eval()
+    backend = HFBackend(tiny_model, tiny_tokenizer, seed=0)
+    config = MCTSConfig(
+        num_children=3, max_simulations=3, max_trees=2, max_new_tokens=12, progress=False, seed=1
+    )
+    problems = [
+        {"id": "add", "question": "What is 3 + 4?", "answer": "7"},
+        {"id": "mul", "question": "What is 2 * 5?", "answer": "10"},
+    ]
+    data = MCTSAnnotator(backend, config, grader=exact_match).annotate(problems, tmp_path)
+    # An untrained model writes no well-formed answer: every terminal is wrong, each question
+    # gets max_trees trees, and there are no pairs, but every Eq. 7 path is labelled -1.
+    assert Counter(data["trees"]["id"]) == {"add": 2, "mul": 2}
+    for row in data["trees"].to_list():
+        assert row["nodes"][0]["text"] == "" and row["nodes"][0]["visit_count"] >= 3
+        assert row["num_tokens"] > 0
+        _check_tree_statistics(row["nodes"])
+    assert len(data["pairs"]) == 0
+    assert len(data["values"]) > 0 and not any(data["values"]["correct"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tokens_this_run"] == summary["tokens"] > 0 and summary["solved"] == 0

@@ -1,0 +1,248 @@
+"""MCTS annotation throughput: the annotator's generated tokens/s against raw batched ``generate``.
+
+One small model, one set of toy problems, one process:
+
+1. run `MCTSAnnotator` (lock-step trees, real sandbox, real grader) over the problems, recording
+   every backend ``generate`` call (prompts, n, temperature, budget) and the time spent in it;
+2. replay exactly those calls straight on ``HFBackend.generate`` (same prompts, same batch shapes);
+3. report annotator tokens/s over the search's wall time, raw tokens/s of the replay, their
+   ratio (target >= 0.8), and the share of the search's wall time spent outside ``generate``
+   (target <= 20%), split into the sampler's share (sandbox execution, parsing) and the
+   annotator's own (selection, backup, grading, shard writes).
+
+Usage::
+
+    python benchmarks/annotation_throughput.py --model /path/to/toy_sft_policy   # trained toy policy
+    python benchmarks/annotation_throughput.py                                   # untrained tiny Llama
+
+Writes ``benchmarks/results/annotation_throughput.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class RecordingBackend:
+    """Wraps a backend: records every ``generate`` call and the seconds spent in it."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.calls: list[dict] = []
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def generate(self, prompts, *, n, temperature, max_new_tokens, stop):
+        start = time.perf_counter()
+        out = self.backend.generate(
+            prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=stop
+        )
+        seconds = time.perf_counter() - start
+        tokens = sum(c.num_tokens for group in out for c in group)
+        self.seconds += seconds
+        self.tokens += tokens
+        self.calls.append(
+            {
+                "prompts": list(prompts),
+                "n": n,
+                "temperature": temperature,
+                "max_new_tokens": max_new_tokens,
+                "stop": list(stop),
+                "seconds": seconds,
+                "tokens": tokens,
+            }
+        )
+        return out
+
+    def values(self, texts):
+        return self.backend.values(texts)
+
+
+def load_policy(model_path: str | None, seed: int):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_path:
+        return (
+            AutoModelForCausalLM.from_pretrained(model_path),
+            AutoTokenizer.from_pretrained(model_path),
+            model_path,
+        )
+    from svpo_trl.toy import tiny_llama
+    from svpo_trl.toy.task import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()
+    return tiny_llama(tokenizer, seed=seed, hidden_size=128, num_layers=2), tokenizer, "untrained tiny Llama"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="checkpoint dir (default: an untrained tiny Llama)")
+    parser.add_argument("--num-problems", type=int, default=20)
+    parser.add_argument("--num-children", type=int, default=5)
+    parser.add_argument("--max-simulations", type=int, default=8)
+    parser.add_argument("--max-trees", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature-levels", type=int, default=3)
+    parser.add_argument("--parallel-questions", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128, help="HFBackend sequences per generate chunk")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=str(RESULTS / "annotation_throughput"))
+    args = parser.parse_args()
+
+    import torch
+
+    from svpo_trl.search.backends import HFBackend
+    from svpo_trl.search.mcts import MCTSAnnotator, MCTSConfig
+    from svpo_trl.search.sampler import StepSampler
+    from svpo_trl.toy.task import load_toy_problems
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from svpo_trl.grading import is_equiv as grader
+
+        grader_name = "svpo_trl.grading.is_equiv"
+    except ImportError:
+
+        def grader(prediction, gold):
+            return prediction.strip() == str(gold).strip()
+
+        grader_name = "exact match (svpo_trl.grading unavailable)"
+
+    model, tokenizer, model_name = load_policy(args.model, args.seed)
+    model.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    problems = load_toy_problems("annotate", args.num_problems).to_list()
+
+    raw = HFBackend(model, tokenizer, batch_size=args.batch_size, seed=args.seed)
+    recording = RecordingBackend(raw)
+    sampler = StepSampler(recording, max_new_tokens=args.max_new_tokens)
+    sampler.sandbox.warmup()  # worker start-up is a one-off cost, not per-step overhead
+    config = MCTSConfig(
+        num_children=args.num_children,
+        max_simulations=args.max_simulations,
+        max_trees=args.max_trees,
+        max_new_tokens=args.max_new_tokens,
+        temperature_levels=args.temperature_levels,
+        num_parallel_questions=args.parallel_questions,
+        seed=args.seed,
+        progress=False,
+    )
+
+    # Warm-up: one small generate call so lazy initialization is not billed to either side.
+    raw.generate([problems[0]["question"]], n=2, temperature=1.0, max_new_tokens=8, stop=["</step>"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        annotator = MCTSAnnotator(sampler, config, grader=grader)
+        wall_start = time.perf_counter()
+        data = annotator.annotate(problems, tmp)
+        with_datasets = time.perf_counter() - wall_start
+        summary = dict(annotator.summary)
+    search_seconds = annotator.timings["total"]
+    sampler_seconds = annotator.timings["generation"]
+    generate_seconds = recording.seconds
+    annotator_tokens = recording.tokens
+
+    # Replay: the same calls straight on the backend.
+    replay_tokens, replay_seconds = 0, 0.0
+    for call in recording.calls:
+        start = time.perf_counter()
+        out = raw.generate(
+            call["prompts"],
+            n=call["n"],
+            temperature=call["temperature"],
+            max_new_tokens=call["max_new_tokens"],
+            stop=call["stop"],
+        )
+        replay_seconds += time.perf_counter() - start
+        replay_tokens += sum(c.num_tokens for group in out for c in group)
+    sampler.sandbox.close()
+
+    annotator_tps = annotator_tokens / search_seconds
+    raw_tps = replay_tokens / replay_seconds
+    result = {
+        "model": model_name,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "grader": grader_name,
+        "problems": len(problems),
+        "config": {
+            "num_children": args.num_children,
+            "max_simulations": args.max_simulations,
+            "max_trees": args.max_trees,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature_levels": args.temperature_levels,
+            "parallel_questions": args.parallel_questions,
+            "hf_batch_size": args.batch_size,
+        },
+        "generate_calls": len(recording.calls),
+        "mean_sequences_per_call": sum(len(c["prompts"]) * c["n"] for c in recording.calls)
+        / len(recording.calls),
+        "annotator_tokens": annotator_tokens,
+        "search_seconds": search_seconds,
+        "annotator_tokens_per_second": annotator_tps,
+        "replay_tokens": replay_tokens,
+        "replay_seconds": replay_seconds,
+        "raw_generate_tokens_per_second": raw_tps,
+        "ratio": annotator_tps / raw_tps,
+        "generate_seconds": generate_seconds,
+        "overhead_share": 1 - generate_seconds / search_seconds,
+        "sampler_overhead_share": (sampler_seconds - generate_seconds) / search_seconds,
+        "annotator_overhead_share": (search_seconds - sampler_seconds) / search_seconds,
+        "dataset_build_seconds": with_datasets - search_seconds,
+        "trees": summary["trees"],
+        "nodes": summary["nodes"],
+        "solved": summary["solved"],
+        "pairs": summary["pairs"],
+        "pairs_by_type": summary["pairs_by_type"],
+        "sandbox_executions": summary["sandbox_executions"],
+        "values_rows": len(data["values"]),
+        "targets": {"ratio": ">= 0.8", "overhead_share": "<= 0.2"},
+        "note": "2-core machine shared with other jobs: timings are disturbed; rerun for stable figures",
+    }
+    rows = [
+        ("model", f"{model_name} ({result['num_parameters'] / 1e6:.2f}M params, {device})"),
+        ("problems / trees / nodes", f"{len(problems)} / {summary['trees']} / {summary['nodes']}"),
+        ("generate calls (mean sequences per call)", f"{len(recording.calls)} ({result['mean_sequences_per_call']:.0f})"),
+        ("annotator: tokens, search seconds", f"{annotator_tokens}, {search_seconds:.1f} s"),
+        ("annotator tokens/s", f"{annotator_tps:.0f}"),
+        ("raw HFBackend.generate tokens/s (replay)", f"{raw_tps:.0f}"),
+        ("ratio (target >= 0.8)", f"{result['ratio']:.2f}"),
+        ("wall time outside generate (target <= 20%)", f"{100 * result['overhead_share']:.1f}%"),
+        ("  in the sampler (sandbox, parsing)", f"{100 * result['sampler_overhead_share']:.1f}%"),
+        ("  in the annotator (select, backup, grading, shards)", f"{100 * result['annotator_overhead_share']:.1f}%"),
+        ("sandbox executions", str(summary["sandbox_executions"])),
+        ("pairs (sibling/cousin/terminal)", f"{summary['pairs']} ({'/'.join(str(v) for v in summary['pairs_by_type'].values())})"),
+        ("dataset build after search", f"{result['dataset_build_seconds']:.1f} s"),
+    ]  # fmt: skip
+    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    markdown = (
+        "# MCTS annotation throughput\n\n"
+        f"`python benchmarks/annotation_throughput.py {' '.join(sys.argv[1:])}`\n\n"
+        f"{table}\n\n{result['note']}.\n"
+    )
+    print(markdown)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    output.with_suffix(".md").write_text(markdown)
+
+
+if __name__ == "__main__":
+    main()
