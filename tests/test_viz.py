@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from svpo_trl.steps import DEFAULT_FORMAT
 
@@ -118,6 +124,16 @@ def synthetic_tree(
     }
 
 
+def partial_solution(tree: dict, node_id: int) -> str:
+    """The step texts from the root to a node, as the ``chosen``/``rejected`` columns hold them."""
+    nodes = {n["node_id"]: n for n in tree["nodes"]}
+    chain = []
+    while node_id > 0:
+        chain.append(nodes[node_id]["text"])
+        node_id = nodes[node_id]["parent_id"]
+    return "".join(reversed(chain))
+
+
 def synthetic_pairs(tree: dict, prompt: str | None = None) -> list[dict]:
     """Pairs in the ``pairs`` schema: per expanded node one sibling pair (best vs worst visited child by Q),
     one terminal pair (a correct vs an incorrect terminal), one cousin pair (children of two siblings)."""
@@ -126,13 +142,6 @@ def synthetic_pairs(tree: dict, prompt: str | None = None) -> list[dict]:
     for n in tree["nodes"]:
         if n["parent_id"] >= 0:
             kids[n["parent_id"]].append(n["node_id"])
-
-    def solution(node_id: int) -> str:
-        chain = []
-        while node_id > 0:
-            chain.append(nodes[node_id]["text"])
-            node_id = nodes[node_id]["parent_id"]
-        return "".join(reversed(chain))
 
     def value(node_id: int) -> float:
         n = nodes[node_id]
@@ -162,8 +171,8 @@ def synthetic_pairs(tree: dict, prompt: str | None = None) -> list[dict]:
         {
             "id": tree["id"],
             "prompt": prompt,
-            "chosen": solution(c),
-            "rejected": solution(r),
+            "chosen": partial_solution(tree, c),
+            "rejected": partial_solution(tree, r),
             "chosen_value": value(c),
             "rejected_value": value(r),
             "pair_type": kind,
@@ -173,3 +182,386 @@ def synthetic_pairs(tree: dict, prompt: str | None = None) -> list[dict]:
         }
         for kind, c, r in found
     ]
+
+
+def backup_invariants_hold(nodes: list[dict]) -> bool:
+    """Eq. 6 backups with leaf value 0: an expanded node was a leaf once, so N = 1 + sum N(children) and
+    N * Q = sum N(child) * Q(child); a visited terminal has N 1 and Q = R."""
+    children: dict[int, list[dict]] = {n["node_id"]: [] for n in nodes}
+    for n in nodes:
+        if n["parent_id"] >= 0:
+            children[n["parent_id"]].append(n)
+    for n in nodes:
+        kids = children[n["node_id"]]
+        if kids:
+            if n["visit_count"] != 1 + sum(c["visit_count"] for c in kids):
+                return False
+            total = sum(c["visit_count"] * c["q_value"] for c in kids)
+            if not math.isclose(n["visit_count"] * n["q_value"], total, abs_tol=1e-9):
+                return False
+        elif (
+            n["is_terminal"]
+            and n["visit_count"]
+            and (n["visit_count"], n["q_value"]) != (1, n["reward"] or -1.0)
+        ):
+            return False
+    return True
+
+
+def hand_node(node_id, parent_id, depth, q, n, terminal=False, correct=None, answer=None):
+    """A node of the hand-computed trees below; text is a C-step or an A-step in the step format."""
+    if terminal:
+        text = DEFAULT_FORMAT.render_answer_step(f"answer {node_id}", answer or "?")
+    elif depth:
+        text = DEFAULT_FORMAT.render_code_step(f"step {node_id}", "print(1)", "1")
+    else:
+        text = ""
+    reward = None if correct is None else (1.0 if correct else -1.0)
+    return {
+        "node_id": node_id,
+        "parent_id": parent_id,
+        "depth": depth,
+        "text": text,
+        "q_value": q,
+        "visit_count": n,
+        "prior": 0.5,
+        "is_terminal": terminal,
+        "final_answer": answer,
+        "reward": reward,
+        "correct": correct,
+    }
+
+
+def hand_annotation() -> dict[str, list[dict]]:
+    """Three small trees whose N and Q follow Eq. 6 (leaf value 0), numbers checked by hand in the tests."""
+    q1_tree0 = [
+        hand_node(0, -1, 0, -0.2, 5),  # (0*3 + -1*1 + own leaf 0) / 5
+        hand_node(1, 0, 1, 0.0, 3),  # (1 - 1 + own leaf 0) / 3
+        hand_node(2, 0, 1, -1.0, 1, True, False, "8"),
+        hand_node(3, 1, 2, 1.0, 1, True, True, "7"),
+        hand_node(4, 1, 2, -1.0, 1, True, False, "9"),
+        hand_node(5, 1, 2, 0.0, 0),  # expanded, never visited
+    ]
+    q1_tree1 = [hand_node(0, -1, 0, 0.5, 2), hand_node(1, 0, 1, 1.0, 1, True, True, "7")]
+    q2_tree0 = [
+        hand_node(0, -1, 0, -2 / 3, 3),
+        hand_node(1, 0, 1, -1.0, 1, True, False, "1"),
+        hand_node(2, 0, 1, -1.0, 1, True, False, "2"),
+        hand_node(3, 0, 1, 0.0, 0, True, None, None),  # malformed: terminal, no answer
+    ]
+    trees = [
+        {
+            "id": "q1",
+            "question": "3 + 4?",
+            "answer": "7",
+            "tree_index": 0,
+            "nodes": q1_tree0,
+            "num_tokens": 100,
+        },
+        {
+            "id": "q1",
+            "question": "3 + 4?",
+            "answer": "7",
+            "tree_index": 1,
+            "nodes": q1_tree1,
+            "num_tokens": 50,
+        },
+        {
+            "id": "q2",
+            "question": "1 + 2?",
+            "answer": "3",
+            "tree_index": 0,
+            "nodes": q2_tree0,
+            "num_tokens": 30,
+        },
+    ]
+
+    def pair(chosen, rejected, kind, chosen_value, rejected_value, tree=0, rejected_tree=0):
+        return {
+            "id": f"q1/{tree}/{chosen}-{rejected_tree}/{rejected}",
+            "prompt": DEFAULT_FORMAT.prompt("3 + 4?"),
+            "chosen": "",
+            "rejected": "",
+            "chosen_value": chosen_value,
+            "rejected_value": rejected_value,
+            "pair_type": kind,
+            "tree_index": tree,
+            "chosen_node_id": chosen,
+            "rejected_node_id": rejected,
+            "rejected_tree_index": rejected_tree,
+        }
+
+    pairs = [
+        pair(3, 4, "sibling", 1.0, -1.0),
+        pair(1, 2, "sibling", 0.0, -1.0),
+        pair(1, 4, "terminal", 1.0, -1.0, tree=1, rejected_tree=0),  # negative borrowed from tree 0
+    ]
+    values = [
+        {"id": "q1", "prompt": "p", "steps": ["a", "b"], "step_values": [0.0, 1.0], "correct": True},
+        {"id": "q1", "prompt": "p", "steps": ["c"], "step_values": [1.0], "correct": True},
+        {"id": "q2", "prompt": "p", "steps": ["d"], "step_values": [-1.0], "correct": False},
+    ]
+    return {"trees": trees, "pairs": pairs, "values": values}
+
+
+SUMMARY = {"problems": 2, "trees": 3, "nodes": 12, "tokens": 180, "seconds": 12.5}
+
+
+def save_annotation(directory: Path, layout: str = "folders") -> Path:
+    """The hand annotation on disk: ``folders`` (trees/ pairs/ values/), ``dict`` (DatasetDict) or ``hub``
+    (parquet files and a README with configs, as ``DatasetDict.push_to_hub`` lays a repo out)."""
+    from datasets import Dataset, DatasetDict
+
+    data = DatasetDict({name: Dataset.from_list(rows) for name, rows in hand_annotation().items()})
+    directory.mkdir(parents=True, exist_ok=True)
+    if layout == "folders":
+        for name, dataset in data.items():
+            dataset.save_to_disk(str(directory / name))
+    elif layout == "dict":
+        data.save_to_disk(str(directory))
+    else:
+        (directory / "data").mkdir()
+        card = ["---", "configs:"]
+        for name, dataset in data.items():
+            dataset.to_parquet(str(directory / "data" / f"{name}-00000-of-00001.parquet"))
+            card += [f"- config_name: {name}", "  data_files:", "  - split: train", f"    path: data/{name}-*"]
+        (directory / "README.md").write_text("\n".join([*card, "---", ""]))
+    if layout != "hub":
+        (directory / "summary.json").write_text(json.dumps(SUMMARY))
+    return directory
+
+
+# ------------------------------------------------------------------------------------ data access
+
+
+def test_synthetic_tree_follows_the_backup_rule():
+    tree = synthetic_tree(seed=0)
+    nodes = tree["nodes"]
+    assert len(nodes) == 301  # 60 simulations x 5 children + root
+    assert max(n["depth"] for n in nodes) <= 8
+    assert backup_invariants_hold(nodes)
+    assert {True, False} <= {n["correct"] for n in nodes if n["is_terminal"]}
+    broken = [dict(n) for n in nodes]
+    broken[0]["q_value"] += 0.01
+    assert not backup_invariants_hold(broken)  # the check can fail
+    assert backup_invariants_hold(hand_annotation()["trees"][0]["nodes"])
+
+
+def test_tree_nodes_validation_names_row_and_field():
+    from svpo_trl.viz import tree_nodes
+
+    row = synthetic_tree(seed=1)
+    assert [n["node_id"] for n in tree_nodes(row)] == list(range(301))
+    missing = {**row, "nodes": [{k: v for k, v in n.items() if k != "q_value"} for n in row["nodes"]]}
+    with pytest.raises(
+        ValueError, match=r"trees row \(id='q0', tree_index=0\): node at position 0 lacks.*q_value"
+    ):
+        tree_nodes(missing)
+    orphan = {**row, "nodes": [*row["nodes"], {**row["nodes"][5], "node_id": 999, "parent_id": 555}]}
+    with pytest.raises(ValueError, match="node 999 has parent_id 555"):
+        tree_nodes(orphan)
+    with pytest.raises(ValueError, match="missing column 'nodes'"):
+        tree_nodes({"id": "x", "question": "", "answer": "", "tree_index": 0})
+    # The legacy Sequence(struct) layout (a dict of lists) is read the same.
+    columns = {k: [n[k] for n in row["nodes"]] for k in row["nodes"][0]}
+    assert tree_nodes({**row, "nodes": columns}) == tree_nodes(row)
+
+
+def test_correct_path_and_pairs_linked_by_columns_or_text():
+    from svpo_trl.viz import correct_path_nodes, pairs_for_tree
+
+    nodes = hand_annotation()["trees"][0]["nodes"]
+    assert correct_path_nodes(nodes) == {0, 1, 3}  # root -> 1 -> correct terminal 3
+    tree = synthetic_tree(seed=2)
+    pairs = synthetic_pairs(tree)
+    linked = pairs_for_tree(pairs, "q0", 0, tree["nodes"])
+    expected = [(p["chosen_node_id"], p["rejected_node_id"], p["pair_type"]) for p in pairs]
+    assert [(p["chosen"], p["rejected"], p["type"]) for p in linked] == expected
+    # Without the link columns, pairs are found by their partial-solution text (identical sibling steps
+    # are the same state, so either node is a right answer).
+    unlinked = [
+        {k: v for k, v in p.items() if k not in ("tree_index", "chosen_node_id", "rejected_node_id")}
+        for p in pairs
+    ]
+    found = pairs_for_tree(unlinked, "q0", 0, tree["nodes"])
+    assert len(found) == len(pairs)
+    for pair, match in zip(pairs, found):
+        assert partial_solution(tree, match["chosen"]) == pair["chosen"]
+        assert partial_solution(tree, match["rejected"]) == pair["rejected"]
+    assert pairs_for_tree(pairs, "other-question", 0, tree["nodes"]) == []
+    # Annotator ids "{question}/{tree}/{chosen}-{tree}/{rejected}"; a negative borrowed from tree 0.
+    hand = hand_annotation()
+    in_tree1 = pairs_for_tree(hand["pairs"], "q1", 1, hand["trees"][1]["nodes"])
+    assert in_tree1 == [
+        {
+            "chosen": 1,
+            "rejected": None,
+            "chosen_tree": 1,
+            "rejected_tree": 0,
+            "type": "terminal",
+            "chosen_value": 1.0,
+            "rejected_value": -1.0,
+        }
+    ]
+    bad = [{**hand["pairs"][0], "rejected_node_id": 77}]
+    with pytest.raises(ValueError, match="rejected_node_id=77 is not a node of tree 0"):
+        pairs_for_tree(bad, "q1", 0, hand["trees"][0]["nodes"])
+
+
+@pytest.mark.parametrize("layout", ["folders", "dict", "hub"])
+def test_load_annotation_layouts(tmp_path, layout):
+    from svpo_trl.viz import load_annotation
+
+    annotation = load_annotation(save_annotation(tmp_path / layout, layout))
+    assert annotation.trees["id"] == ["q1", "q1", "q2"]
+    assert len(annotation.pairs) == 3 and len(annotation.values) == 3
+    assert annotation.summary == ({} if layout == "hub" else SUMMARY)
+    with pytest.raises(ValueError, match="not loadable"):
+        load_annotation(tmp_path / "does-not-exist")
+
+
+# ------------------------------------------------------------------------------------ HTML page
+
+XSS = "</script><script>document.title='pwned'</script><img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">"
+
+
+def tree_with_hostile_text(seed: int = 0) -> tuple[dict, int]:
+    """The synthetic tree with model text that tries to break out of the page; returns (row, node id)."""
+    tree = synthetic_tree(seed=seed)
+    target = next(n for n in tree["nodes"] if n["depth"] == 2 and not n["is_terminal"])
+    target["text"] = DEFAULT_FORMAT.render_code_step(f"Analysis {XSS} <b>bold</b>", f"print('{XSS}')", XSS)
+    return tree, target["node_id"]
+
+
+def test_page_is_self_contained_and_escapes_model_text(tmp_path):
+    from svpo_trl.viz import render_tree_html
+
+    tree, _ = tree_with_hostile_text()
+    page = render_tree_html(tree, synthetic_pairs(tree), tmp_path / "tree.html")
+    assert (tmp_path / "tree.html").read_text(encoding="utf-8") == page
+    assert page.count("</script>") == 2  # the data block and the viewer's own script
+    assert "<img" not in page and "<b>bold" not in page
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page, re.I)  # no external resources
+    assert not re.search(r"@import|url\(\s*[\"']?https?:", page)
+    data = json.loads(
+        re.search(r'<script type="application/json" id="tree-data">(.*?)</script>', page, re.S)[1]
+    )
+    assert len(data["trees"][0]["nodes"]) == 301
+    assert data["trees"][0]["stats"]["pairs"] == len(synthetic_pairs(tree))
+
+
+def test_question_page_errors_name_what_is_there(tmp_path):
+    from svpo_trl.viz import render_question_html
+
+    trees = [synthetic_tree(seed=0, question_id="a"), synthetic_tree(seed=1, question_id="b")]
+    with pytest.raises(
+        ValueError, match=r"question id 'zzz' is not in the trees dataset \(known ids: a, b\)"
+    ):
+        render_question_html(trees, "zzz")
+    with pytest.raises(ValueError, match=r"question 'a' has no tree with tree_index 4 \(has \[0\]\)"):
+        render_question_html(trees, "a", tree_index=4)
+
+
+def _chromium():
+    from svpo_trl.viz.browser import find_chromium
+
+    path = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else find_chromium()
+    if path is None:
+        pytest.skip(
+            "chromium not found at /usr/bin/chromium: run `make install-test` (installs Debian's chromium)"
+        )
+    return path
+
+
+def _panel(dom: str, field: str) -> str:
+    match = re.search(rf'<(?:dd|pre|div) [^>]*data-field="{field}"[^>]*>(.*?)</(?:dd|pre|div)>', dom, re.S)
+    assert match, f"no detail field {field!r} in the page"
+    return match[1]
+
+
+def test_tree_page_in_headless_chromium(tmp_path):
+    from svpo_trl.viz import render_question_html
+    from svpo_trl.viz.browser import dump_dom, screenshot
+
+    chromium = _chromium()
+    tree, hostile = tree_with_hostile_text(seed=0)
+    second = synthetic_tree(seed=3, tree_index=1)
+    page = tmp_path / "question.html"
+    render_question_html([second, tree], "q0", synthetic_pairs(tree) + synthetic_pairs(second), page)
+    nodes = {n["node_id"]: n for n in tree["nodes"]}
+
+    # Everything expanded: one SVG group per node; the detail panel of the hostile node shows its text as text.
+    dom = dump_dom(page, f"tree=0&expand=all&node={hostile}", chromium=chromium)
+    assert len(re.findall(r'<g class="node[ "]', dom)) == 301
+    assert re.search(r'id="stats" data-total="301" data-visible="301"', dom)
+    assert re.search(rf'<aside id="detail" data-node="{hostile}"', dom)
+    assert _panel(dom, "q") == f"{nodes[hostile]['q_value']:.3f}"
+    assert _panel(dom, "n") == str(nodes[hostile]["visit_count"])
+    assert _panel(dom, "prior") == f"{nodes[hostile]['prior']:.3f}"
+    assert _panel(dom, "depth") == "2"
+    assert "&lt;img src=x onerror=" in _panel(dom, "output")
+    assert _panel(dom, "code").startswith("print('&lt;/script&gt;")
+    assert 'data-pwned="1"' not in dom and "<title>pwned" not in dom and "<b>bold" not in dom
+
+    # Default view of a 301-node tree: partly collapsed (at most 40 leaves), correct path drawn.
+    dom = dump_dom(page, "tree=0", chromium=chromium)
+    visible = int(re.search(r'data-visible="(\d+)"', dom)[1])
+    assert len(re.findall(r'<g class="node[ "]', dom)) == visible and 10 < visible < 301
+    assert 'class="edge correct' in dom
+
+    # "Collapse below depth 2": exactly the nodes of depth <= 2 show. Tree 1 is picked by the hash.
+    dom = dump_dom(page, "tree=1&depth=2&node=3", chromium=chromium)
+    assert len(re.findall(r'<g class="node[ "]', dom)) == sum(1 for n in second["nodes"] if n["depth"] <= 2)
+    assert _panel(dom, "q") == f"{second['nodes'][3]['q_value']:.3f}"
+
+    png = screenshot(page, tmp_path / "tree.png", "tree=0&node=53", chromium=chromium)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def test_annotation_report_numbers(tmp_path):
+    from svpo_trl.viz import annotation_report
+
+    stats = annotation_report(save_annotation(tmp_path / "ann"), tmp_path / "report")
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["q_by_depth"] == stats["q_by_depth"]
+    assert (stats["problems"], stats["trees"], stats["nodes"]) == (2, 3, 12)
+    assert (
+        stats["tree_size"]["min"] == 2
+        and stats["tree_size"]["max"] == 6
+        and stats["tree_size"]["median"] == 4
+    )
+    q = saved["q_by_depth"]
+    assert list(q) == ["0", "1", "2"]
+    assert q["0"]["count"] == 3 and q["0"]["mean"] == pytest.approx((-0.2 + 0.5 - 2 / 3) / 3)
+    assert q["1"]["count"] == 5 and q["1"]["mean"] == pytest.approx(-0.4)  # 0, -1, 1, -1, -1
+    assert q["2"]["count"] == 2 and q["2"]["mean"] == pytest.approx(0.0)  # the unvisited node is left out
+    counts = q["1"]["histogram"]["counts"]
+    assert (counts[0], counts[10], counts[19], sum(counts)) == (3, 1, 1, 5)
+    assert saved["unvisited_nodes"] == 2
+    assert saved["terminals"] == {"correct": 2, "incorrect": 4, "other": 1, "total": 7}
+    solve = saved["solve_rate"]
+    assert (solve["problems_solved"], solve["fraction_solved"], solve["mean_solve_rate"]) == (1, 0.5, 0.25)
+    assert [(p["id"], p["terminals"], p["correct_terminals"]) for p in solve["per_problem"]] == [
+        ("q1", 4, 2),
+        ("q2", 3, 0),
+    ]
+    assert saved["pairs"]["by_type"] == {"sibling": 2, "cousin": 0, "terminal": 1}
+    assert saved["pairs"]["mean_value_gap_by_type"] == {"sibling": 1.5, "terminal": 2.0}
+    assert saved["pairs"]["problems_with_pairs"] == 1
+    assert saved["values"] == {"rows": 3, "correct": 2, "steps": 4, "mean_steps": 4 / 3}
+    assert saved["cost"]["tokens"]["per_question"] == {"q1": 150, "q2": 30}
+    assert saved["cost"]["tokens"]["total"] == 180
+    assert saved["cost"]["seconds"]["total"] == 12.5 and saved["cost"]["seconds"]["per_question"] == {}
+    assert saved["summary"] == SUMMARY
+    for name in ("q_by_depth", "solve_rate", "pairs_per_type", "tree_size", "tokens_time"):
+        png = tmp_path / "report" / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5_000
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "| solved (≥1 correct terminal) | 1 (50.0%) |" in markdown
+        and "![Pairs per type](pairs_per_type.png)" in markdown
+    )
+    assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == 5

@@ -13,6 +13,7 @@ Next to the datasets, an optional ``summary.json`` holds the annotator's totals.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,40 +201,57 @@ def path_texts(nodes: list[dict]) -> dict[str, int]:
     return {text: node_id for node_id, text in texts.items() if node_id != 0}
 
 
-def pairs_for_tree(pairs: Any, question_id: Any, tree_index: int, nodes: list[dict]) -> list[dict]:
-    """The preference pairs (Algorithm 1) taken from one tree, as ``chosen``/``rejected`` node ids.
+_PAIR_ID_SUFFIX = re.compile(r"/\d+/\d+-\d+/\d+$")
 
-    Uses the ``tree_index``, ``chosen_node_id``, ``rejected_node_id`` columns when present; otherwise
-    matches the ``chosen``/``rejected`` partial solutions against the tree's root-to-node texts.
+
+def pair_question_id(pair_id: Any) -> Any:
+    """The question id of a ``pairs`` row: the annotator writes ``{question}/{tree}/{chosen}-{tree}/{rejected}``."""
+    if isinstance(pair_id, str) and _PAIR_ID_SUFFIX.search(pair_id):
+        return _PAIR_ID_SUFFIX.sub("", pair_id)
+    return pair_id
+
+
+def pairs_for_tree(pairs: Any, question_id: Any, tree_index: int, nodes: list[dict]) -> list[dict]:
+    """The preference pairs (Algorithm 1) with an end in this tree, ends given as node ids.
+
+    Uses the ``tree_index``, ``chosen_node_id``, ``rejected_node_id`` (and optional
+    ``rejected_tree_index``, for a negative borrowed from another tree of the question) columns when
+    present; otherwise matches the ``chosen``/``rejected`` partial solutions against the tree's
+    root-to-node texts. An end in another tree is None, with its tree in ``chosen_tree``/``rejected_tree``.
     """
     if pairs is None:
         return []
     if hasattr(pairs, "column_names"):
         columns = set(pairs.column_names)
-        rows = (
-            [pairs[i] for i, qid in enumerate(pairs["id"]) if qid == question_id] if "id" in columns else []
-        )
+        if "id" not in columns:
+            raise ValueError(f"pairs: missing column 'id' (columns: {sorted(columns)})")
+        rows = [pairs[i] for i, pid in enumerate(pairs["id"]) if pair_question_id(pid) == question_id]
     else:
-        pairs = list(pairs)
-        columns = set().union(*(row.keys() for row in pairs)) if pairs else set(PAIR_LINK_COLUMNS) | {"id"}
-        rows = [row for row in pairs if row.get("id") == question_id]
-    for column in ("id", "chosen", "rejected", "pair_type"):
-        if column not in columns and (rows or column == "id"):
-            raise ValueError(f"pairs: missing column {column!r}")
+        rows = [row for row in pairs if pair_question_id(row.get("id")) == question_id]
+        columns = set().union(*(row.keys() for row in rows))
+    if not rows:
+        return []
+    for column in ("chosen", "rejected", "pair_type"):
+        if column not in columns:
+            raise ValueError(f"pairs: missing column {column!r} (columns: {sorted(columns)})")
     known = {n["node_id"] for n in nodes}
     linked = all(c in columns for c in PAIR_LINK_COLUMNS)
     by_text = None if linked else path_texts(nodes)
     result = []
     for row in rows:
         if linked:
-            if row["tree_index"] != tree_index:
+            chosen_tree = row["tree_index"]
+            rejected_tree = row.get("rejected_tree_index")
+            rejected_tree = chosen_tree if rejected_tree is None else rejected_tree
+            if tree_index not in (chosen_tree, rejected_tree):
                 continue
-            chosen, rejected = row["chosen_node_id"], row["rejected_node_id"]
+            chosen = row["chosen_node_id"] if chosen_tree == tree_index else None
+            rejected = row["rejected_node_id"] if rejected_tree == tree_index else None
             for name, node_id in (("chosen_node_id", chosen), ("rejected_node_id", rejected)):
-                if node_id not in known:
+                if node_id is not None and node_id not in known:
                     raise ValueError(
-                        f"pairs row (id={question_id!r}, tree_index={tree_index}): {name}={node_id} "
-                        "is not a node of that tree"
+                        f"pairs row {row['id']!r}: {name}={node_id} is not a node of tree {tree_index} "
+                        f"of question {question_id!r}"
                     )
         else:
             prompt = row.get("prompt") or ""
@@ -241,10 +259,13 @@ def pairs_for_tree(pairs: Any, question_id: Any, tree_index: int, nodes: list[di
             rejected = by_text.get(row["rejected"].removeprefix(prompt))
             if chosen is None or rejected is None:
                 continue  # the pair comes from another tree of this question
+            chosen_tree = rejected_tree = tree_index
         result.append(
             {
                 "chosen": chosen,
                 "rejected": rejected,
+                "chosen_tree": chosen_tree,
+                "rejected_tree": rejected_tree,
                 "type": row["pair_type"],
                 "chosen_value": row.get("chosen_value"),
                 "rejected_value": row.get("rejected_value"),

@@ -23,7 +23,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from .data import PAIR_LINK_COLUMNS, Annotation, load_annotation, tree_nodes
+from .data import PAIR_LINK_COLUMNS, Annotation, load_annotation, pair_question_id, tree_nodes
 
 Q_BINS = 20  # histogram bins over [-1, 1]: 0.1 wide
 
@@ -158,7 +158,9 @@ def _pair_statistics(pairs: Any) -> dict | None:
         for t, c, r in zip(types, pairs["chosen_value"], pairs["rejected_value"]):
             if c is not None and r is not None:
                 gaps[t].append(c - r)
-    per_problem = Counter(pairs["id"]) if "id" in pairs.column_names else Counter()
+    per_problem = (
+        Counter(pair_question_id(i) for i in pairs["id"]) if "id" in pairs.column_names else Counter()
+    )
     return {
         "total": len(types),
         "by_type": {t: by_type.get(t, 0) for t in ("sibling", "cousin", "terminal")}

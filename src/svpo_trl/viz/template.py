@@ -188,7 +188,11 @@ PAGE_JS = r"""
     const pairsOf = new Map();
     tree.pairs.forEach((p, i) => {
       p.index = i;
-      [p.chosen, p.rejected].forEach(id => { if (!pairsOf.has(id)) pairsOf.set(id, []); pairsOf.get(id).push(p); });
+      [p.chosen, p.rejected].forEach(id => {
+        if (id === null) return;
+        if (!pairsOf.has(id)) pairsOf.set(id, []);
+        pairsOf.get(id).push(p);
+      });
     });
     const state = { index, tree, byId, root: byId.get(0), maxN, pairsOf, collapsed: defaultCollapsed(tree.nodes, byId.get(0)),
                     selected: null };
@@ -265,6 +269,7 @@ PAGE_JS = r"""
     }
     let drawn = 0;
     for (const pair of S.tree.pairs) {
+      // A negative borrowed from another tree of the question has no end here: listed in the panel only.
       if (!shownPairTypes.has(pair.type) || !shown.has(pair.chosen) || !shown.has(pair.rejected)) continue;
       const a = S.byId.get(pair.chosen), b = S.byId.get(pair.rejected);
       const dx = b.x - a.x, dy = b.y - a.y, len = Math.max(1, Math.hypot(dx, dy));
@@ -408,7 +413,9 @@ PAGE_JS = r"""
         const li = htmlEl('li');
         const role = p.chosen === n.id ? 'chosen over' : 'rejected for';
         const other = p.chosen === n.id ? p.rejected : p.chosen;
-        li.append(htmlEl('span', null, `${p.type}: ${role} node `), nodeLink(other),
+        const otherTree = p.chosen === n.id ? p.rejected_tree : p.chosen_tree;
+        li.append(htmlEl('span', null, `${p.type}: ${role} node `),
+                  other === null ? htmlEl('span', null, `of tree #${otherTree}`) : nodeLink(other),
                   htmlEl('span', 'hint', ` (values ${fmt(p.chosen_value, 2)} vs ${fmt(p.rejected_value, 2)})`));
         ul.appendChild(li);
       });

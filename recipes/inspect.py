@@ -1,0 +1,71 @@
+"""Look inside an MCTS annotation: one question's search trees as an HTML page, or a report with plots.
+
+    python recipes/inspect.py tree out/annotation --id q3 --out q3.html [--tree-index 0] [--screenshot q3.png]
+    python recipes/inspect.py report out/annotation --out out/report
+
+``tree`` reads a local annotation directory (a ``DatasetDict`` folder, or ``trees/``, ``pairs/``,
+``values/`` folders) or a Hub dataset id; ``report`` writes ``report.{md,html,json}`` and PNG plots.
+"""
+
+# This file shares its name with the standard library's ``inspect``: drop the script's folder from the
+# import path before anything imports ``inspect``, or that import would load this script instead.
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    tree = commands.add_parser("tree", help="render one question's trees as a self-contained HTML page")
+    tree.add_argument("source", help="annotation directory or Hub dataset id")
+    tree.add_argument("--id", required=True, help="question id (the `id` column of `trees`)")
+    tree.add_argument(
+        "--tree-index", type=int, default=None, help="only this tree (default: all, with a selector)"
+    )
+    tree.add_argument("--out", required=True, help="HTML file to write")
+    tree.add_argument("--max-visible-leaves", type=int, default=40, help="open large trees partly collapsed")
+    tree.add_argument("--screenshot", default=None, help="also save a PNG taken with headless chromium")
+    report = commands.add_parser("report", help="write report.md/.html/.json and PNG plots")
+    report.add_argument("source", help="annotation directory or Hub dataset id")
+    report.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+
+    from svpo_trl.viz import TreeViewConfig, annotation_report, load_annotation, render_question_html
+
+    if args.command == "tree":
+        annotation = load_annotation(args.source)
+        question_id = args.id
+        if question_id not in set(annotation.trees["id"]):
+            # Hub and JSON ids may be integers; the CLI always gives a string.
+            question_id = next((i for i in set(annotation.trees["id"]) if str(i) == args.id), args.id)
+        render_question_html(
+            annotation.trees,
+            question_id,
+            annotation.pairs,
+            args.out,
+            tree_index=args.tree_index,
+            config=TreeViewConfig(max_visible_leaves=args.max_visible_leaves),
+        )
+        print(f"wrote {args.out}")
+        if args.screenshot:
+            from svpo_trl.viz.browser import screenshot
+
+            screenshot(args.out, args.screenshot)
+            print(f"wrote {args.screenshot}")
+    else:
+        stats = annotation_report(args.source, args.out)
+        solved = stats["solve_rate"]
+        print(
+            f"{stats['problems']} problems ({solved['problems_solved']} solved), {stats['trees']} trees, "
+            f"{stats['nodes']} nodes, {(stats['pairs'] or {}).get('total', 0)} pairs -> {args.out}/report.md"
+        )
+
+
+if __name__ == "__main__":
+    main()
