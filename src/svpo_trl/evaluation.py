@@ -1,0 +1,264 @@
+"""Evaluation over a problem set: greedy, step-level beam search (SBS) and maj@k (Table 2).
+
+Every strategy runs through :class:`~svpo_trl.search.sbs.SBSGenerator`, so the code that decodes
+at evaluation time is the code a search uses: greedy is ``B1 = B2 = 1`` at temperature 0, SBS
+ranks ``B2`` sampled steps per beam by the value head (§3.3), and maj@k samples ``k`` solutions
+and votes over final answers grouped by equivalence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .grading import is_equiv
+from .search.backends import GenerationBackend
+from .search.sampler import StepSampler
+from .search.sbs import SBSConfig, SBSGenerator, SBSResult
+from .steps import DEFAULT_FORMAT, StepFormat
+
+Grader = Callable[[str | None, Any], bool]
+
+_SBS = re.compile(r"^sbs\s*[\(:]?\s*(\d+)\s*[,x]\s*(\d+)\s*\)?$")
+_MAJ = re.compile(r"^maj@(\d+)$")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A decoding strategy of Table 2.
+
+    ``kind`` is ``"greedy"``, ``"sbs"`` (``beam_width`` = B1, ``num_samples`` = B2) or ``"maj"``
+    (``k`` sampled solutions at ``temperature``, majority vote). Parse one from text with
+    :meth:`parse`: ``greedy``, ``sbs(1,5)`` / ``sbs:3x5``, ``maj@8``.
+    """
+
+    kind: str = "greedy"
+    beam_width: int = 1
+    num_samples: int = 5
+    k: int = 1
+    temperature: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Strategy:
+        spec = text.strip().lower().replace(" ", "")
+        if spec == "greedy":
+            return cls("greedy")
+        if match := _SBS.match(spec):
+            return cls("sbs", beam_width=int(match.group(1)), num_samples=int(match.group(2)))
+        if match := _MAJ.match(spec):
+            return cls("maj", k=int(match.group(1)))
+        raise ValueError(f"unknown strategy {text!r}: expected 'greedy', 'sbs(B1,B2)' or 'maj@k'")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "sbs":
+            return f"SBS (B1={self.beam_width}, B2={self.num_samples})"
+        if self.kind == "maj":
+            return f"maj@{self.k}"
+        return "greedy"
+
+    @property
+    def needs_value(self) -> bool:
+        return self.kind == "sbs"
+
+    def sbs_config(self, max_depth: int, max_new_tokens: int) -> SBSConfig:
+        """The SBS settings that implement this strategy."""
+        common = {"max_depth": max_depth, "max_new_tokens": max_new_tokens}
+        if self.temperature is not None:
+            common["temperature"] = self.temperature
+        if self.kind == "greedy":
+            return SBSConfig.greedy(**common)
+        if self.kind == "sbs":
+            return SBSConfig(beam_width=self.beam_width, num_samples=self.num_samples, **common)
+        # maj@k: k independent samples, each one step at a time without the value head.
+        sample = {"temperature": 0.8, **common}
+        return SBSConfig(beam_width=1, num_samples=1, use_value=False, remove_duplicates=False, **sample)
+
+
+@dataclass
+class EvalResult:
+    """Per-problem ``records`` and the aggregate ``metrics`` of one strategy on one problem set."""
+
+    strategy: str
+    metrics: dict[str, float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def majority_vote(answers: Sequence[str | None], grader: Grader = is_equiv) -> tuple[str | None, int]:
+    """The most frequent answer among ``answers``, grouping equivalent ones (maj@k).
+
+    Returns ``(answer, votes)``; ties go to the group seen first. ``None`` answers do not vote.
+    """
+    groups: list[list[str]] = []
+    for answer in answers:
+        if answer is None:
+            continue
+        for group in groups:
+            if answer == group[0] or grader(answer, group[0]):
+                group.append(answer)
+                break
+        else:
+            groups.append([answer])
+    if not groups:
+        return None, 0
+    best = max(groups, key=len)  # max keeps the first of equal lengths
+    return best[0], len(best)
+
+
+def _gold(problem: dict[str, Any]) -> Any:
+    answers = problem.get("answers")
+    return answers if answers else problem["answer"]
+
+
+def evaluate(
+    backend: GenerationBackend,
+    problems: Sequence[dict[str, Any]],
+    strategy: Strategy | str = "greedy",
+    *,
+    sandbox: Any = None,
+    step_format: StepFormat = DEFAULT_FORMAT,
+    max_depth: int = 8,
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    grader: Grader = is_equiv,
+    output_jsonl: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Solve every problem with ``strategy`` and grade the answers against the gold.
+
+    ``problems`` are rows with ``id``, ``question``, ``answer`` (and optionally ``answers``, every
+    acceptable gold): a `datasets.Dataset` from :func:`svpo_trl.data.load_problems` works as is.
+    Questions are solved ``batch_size`` at a time, each batch in lock-step (one backend call per
+    round). Every record holds the solution, answer, correctness, value, tokens generated and
+    seconds spent (the batch's wall time shared evenly by its questions). With ``output_jsonl``
+    the records are written there, one JSON object per line.
+    """
+    strategy = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
+    config = strategy.sbs_config(max_depth, max_new_tokens)
+    sampler = StepSampler(backend, sandbox=sandbox, step_format=step_format, max_new_tokens=max_new_tokens)
+    generator = SBSGenerator(backend, config, sampler=sampler)
+    repeats = strategy.k if strategy.kind == "maj" else 1
+    rows = [dict(problems[i]) for i in range(len(problems))]
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(rows), desc=f"eval {strategy.label}", disable=not progress, unit="q")
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        questions = [row["question"] for row in batch for _ in range(repeats)]
+        began = time.perf_counter()
+        results = generator.generate(questions)
+        seconds = (time.perf_counter() - began) / len(batch)
+        for i, row in enumerate(batch):
+            records.append(_record(row, results[i * repeats : (i + 1) * repeats], seconds, strategy, grader))
+        bar.update(len(batch))
+    bar.close()
+    result = EvalResult(strategy=strategy.label, metrics=_metrics(records), records=records)
+    if output_jsonl is not None:
+        write_jsonl(records, output_jsonl)
+    return result
+
+
+def _record(
+    row: dict[str, Any], results: list[SBSResult], seconds: float, strategy: Strategy, grader: Grader
+) -> dict[str, Any]:
+    gold = _gold(row)
+    if strategy.kind == "maj":
+        answer, votes = majority_vote([r.final_answer for r in results], grader)
+        chosen = next((r for r in results if r.final_answer == answer), results[0])
+    else:
+        chosen, answer, votes = results[0], results[0].final_answer, 1
+    return {
+        "id": row["id"],
+        "question": row["question"],
+        "gold": row["answer"],
+        "strategy": strategy.label,
+        "solution": chosen.solution,
+        "answer": answer,
+        "correct": bool(answer is not None and grader(answer, gold)),
+        "value": chosen.value,
+        "votes": votes,
+        "num_steps": len(chosen.steps),
+        "finished": chosen.finished,
+        "tokens": sum(r.num_tokens for r in results),
+        "seconds": seconds,
+    }
+
+
+def _metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    n = len(records)
+    if n == 0:
+        return {
+            "num_problems": 0,
+            "accuracy": math.nan,
+            "tokens_per_question": math.nan,
+            "seconds_per_question": math.nan,
+        }
+    return {
+        "num_problems": n,
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "answered": sum(r["answer"] is not None for r in records) / n,
+        "tokens_per_question": sum(r["tokens"] for r in records) / n,
+        "seconds_per_question": sum(r["seconds"] for r in records) / n,
+    }
+
+
+def write_jsonl(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Write records as JSON lines, atomically (a crash never leaves half a file)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def results_table(rows: Sequence[dict[str, Any]], datasets: Sequence[str] | None = None) -> str:
+    """A markdown table shaped like the paper's Table 2: one row per system and decoding strategy,
+    one accuracy column per dataset, then the mean cost per question (tokens, seconds).
+
+    Each input row is ``{"system", "strategy", "dataset", "accuracy", "tokens_per_question",
+    "seconds_per_question", "num_problems"}``; accuracies print as percentages.
+    """
+    datasets = list(datasets) if datasets else list(dict.fromkeys(r["dataset"] for r in rows))
+    systems = list(dict.fromkeys((r["system"], r["strategy"]) for r in rows))
+    header = ["System", "Decoding", *datasets, "tokens / question", "seconds / question"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for system, strategy in systems:
+        cells = [system, strategy]
+        mine = [r for r in rows if (r["system"], r["strategy"]) == (system, strategy)]
+        for dataset in datasets:
+            hit = next((r for r in mine if r["dataset"] == dataset), None)
+            cells.append("-" if hit is None else f"{100 * hit['accuracy']:.1f}")
+        tokens = sum(r["tokens_per_question"] * r["num_problems"] for r in mine) / sum(
+            r["num_problems"] for r in mine
+        )
+        seconds = sum(r["seconds_per_question"] * r["num_problems"] for r in mine) / sum(
+            r["num_problems"] for r in mine
+        )
+        cells += [f"{tokens:.0f}", f"{seconds:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_row(system: str, dataset: str, result: EvalResult) -> dict[str, Any]:
+    """One row of :func:`results_table` from an `EvalResult`."""
+    return {"system": system, "strategy": result.strategy, "dataset": dataset, **result.metrics}
+
+
+__all__ = [
+    "EvalResult",
+    "Strategy",
+    "evaluate",
+    "majority_vote",
+    "results_table",
+    "summary_row",
+    "write_jsonl",
+]
