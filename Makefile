@@ -12,6 +12,8 @@ install:
 install-test:
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[test]"
+# Debian's chromium for the tree viewer's browser test (skipped with a message where it cannot be installed).
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium) ) || true
 
 test: install-test
 	$(PYTHON) -m pytest -q
