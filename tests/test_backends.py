@@ -171,3 +171,27 @@ def test_values_at_last_token_batched_equals_unbatched(tiny_model, tiny_tokenize
         assert value == pytest.approx(expected, abs=1e-5)
         assert -1.0 <= value <= 1.0
     assert len({round(v, 6) for v in values}) == 3  # different states, different values
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tiny_model, tiny_tokenizer):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from svpo_trl.models.value_head import ValueHeadForCausalLM
+
+    model = ValueHeadForCausalLM.from_causal_lm(tiny_model)
+    cpu = HFBackend(model, tiny_tokenizer)
+    expected = cpu.generate(PROMPTS, n=2, temperature=0.0, max_new_tokens=8, stop=["</step>"])
+    expected_values = cpu.values(PROMPTS)
+    gpu = HFBackend(model.to("cuda"), tiny_tokenizer)
+    assert gpu.device.type == "cuda"
+    got = gpu.generate(PROMPTS, n=2, temperature=0.0, max_new_tokens=8, stop=["</step>"])
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in expected]
+    assert gpu.values(PROMPTS) == pytest.approx(expected_values, abs=1e-4)
+    sampled = HFBackend(model, tiny_tokenizer, seed=1).generate(
+        PROMPTS, n=2, temperature=1.0, max_new_tokens=8, stop=[]
+    )
+    again = HFBackend(model, tiny_tokenizer, seed=1).generate(
+        PROMPTS, n=2, temperature=1.0, max_new_tokens=8, stop=[]
+    )
+    assert [[c.token_ids for c in g] for g in sampled] == [[c.token_ids for c in g] for g in again]

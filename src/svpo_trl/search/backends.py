@@ -254,12 +254,7 @@ class HFBackend:
                 chunk = encoded[start : start + self.batch_size]
                 # Right padding keeps every real token's position and attention exactly as unbatched.
                 input_ids, attention_mask = self._pad(chunk, side="right")
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                values = (
-                    out["values"]
-                    if isinstance(out, dict) and "values" in out
-                    else getattr(out, "values", None)
-                )
+                values = self._forward_values(input_ids, attention_mask)
                 if not isinstance(values, torch.Tensor):
                     raise TypeError(f"{type(self.model).__name__}.forward returned no `values` tensor")
                 last = torch.tensor([len(ids) - 1 for ids in chunk], device=values.device)
@@ -268,6 +263,17 @@ class HFBackend:
                 ]
                 result += picked.float().cpu().tolist()
         return result
+
+    def _forward_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        from ..models.value_head import ValueHeadForCausalLM
+
+        if isinstance(self.model, ValueHeadForCausalLM):
+            # The backbone alone: the head reads its last hidden state (a forward hook), and the LM
+            # head's (batch, length, vocab) logits, useless here, are never computed.
+            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return self.model.last_values
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out["values"] if isinstance(out, dict) and "values" in out else getattr(out, "values", None)
 
     # ------------------------------------------------------------------ helpers
     def _encode(self, text: str) -> list[int]:
