@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--num-problems", type=int, default=20)
     parser.add_argument("--num-children", type=int, default=5)
     parser.add_argument("--max-simulations", type=int, default=8)
-    parser.add_argument("--max-trees", type=int, default=1)
+    parser.add_argument("--max-trees", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature-levels", type=int, default=3)
     parser.add_argument("--parallel-questions", type=int, default=20)

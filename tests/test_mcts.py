@@ -354,3 +354,29 @@ def test_end_to_end_with_a_tiny_real_model(tmp_path, tiny_tokenizer, tiny_model)
     assert len(data["values"]) > 0 and not any(data["values"]["correct"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tokens_this_run"] == summary["tokens"] > 0 and summary["solved"] == 0
+
+
+@pytest.mark.slow  # importing torch.utils.tensorboard alone takes seconds
+def test_running_summary_goes_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_annotator(scripted(TABLES), report_to=["tensorboard"], max_trees=2).annotate(_problems(), tmp_path)
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    solved = [e.value for e in events.Scalars("annotation/solved")]
+    trees = [e.value for e in events.Scalars("annotation/trees")]
+    assert len(solved) == 3 and solved[-1] == 2  # a and c are solved, b never
+    assert trees[-1] == 6
+
+
+def test_default_grader_is_answer_equivalence(tmp_path):
+    sampler = StepSampler(scripted({QUESTION: SCRIPT}), sandbox=ConstantSandbox())
+    config = MCTSConfig(num_children=3, max_depth=3, temperature_levels=1, progress=False, target_correct=3)
+    data = MCTSAnnotator(sampler, config).annotate([{"question": QUESTION, "answer": "7.0"}], tmp_path)
+    nodes = labels_of(data["trees"][0])
+    assert {k for k, n in nodes.items() if n["reward"] == 1.0} == {
+        "H",
+        "I",
+        "K",
+    }  # "7" is equivalent to "7.0"
