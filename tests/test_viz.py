@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -308,8 +309,8 @@ SUMMARY = {"problems": 2, "trees": 3, "nodes": 12, "tokens": 180, "seconds": 12.
 
 
 def save_annotation(directory: Path, layout: str = "folders") -> Path:
-    """The hand annotation on disk: ``folders`` (trees/ pairs/ values/), ``dict`` (DatasetDict) or ``hub``
-    (parquet files and a README with configs, as ``DatasetDict.push_to_hub`` lays a repo out)."""
+    """The hand annotation on disk: ``folders`` (trees/ pairs/ values/), ``dict`` (DatasetDict), or a Hub repo
+    layout (``hub``, ``hub-splits``) of parquet files and a README."""
     from datasets import Dataset, DatasetDict
 
     data = DatasetDict({name: Dataset.from_list(rows) for name, rows in hand_annotation().items()})
@@ -320,13 +321,28 @@ def save_annotation(directory: Path, layout: str = "folders") -> Path:
     elif layout == "dict":
         data.save_to_disk(str(directory))
     else:
+        # A Hub repo: ``hub`` has one config per dataset (``push_to_hub(repo, config_name=...)``);
+        # ``hub-splits`` has them as splits of one config (``DatasetDict.push_to_hub``), which cannot load
+        # as a whole because the three schemas differ.
         (directory / "data").mkdir()
-        card = ["---", "configs:"]
+        card = (
+            ["---", "configs:"]
+            if layout == "hub"
+            else ["---", "configs:", "- config_name: default", "  data_files:"]
+        )
         for name, dataset in data.items():
             dataset.to_parquet(str(directory / "data" / f"{name}-00000-of-00001.parquet"))
-            card += [f"- config_name: {name}", "  data_files:", "  - split: train", f"    path: data/{name}-*"]
+            if layout == "hub":
+                card += [
+                    f"- config_name: {name}",
+                    "  data_files:",
+                    "  - split: train",
+                    f"    path: data/{name}-*",
+                ]
+            else:
+                card += [f"  - split: {name}", f"    path: data/{name}-*"]
         (directory / "README.md").write_text("\n".join([*card, "---", ""]))
-    if layout != "hub":
+    if not layout.startswith("hub"):
         (directory / "summary.json").write_text(json.dumps(SUMMARY))
     return directory
 
@@ -408,14 +424,14 @@ def test_correct_path_and_pairs_linked_by_columns_or_text():
         pairs_for_tree(bad, "q1", 0, hand["trees"][0]["nodes"])
 
 
-@pytest.mark.parametrize("layout", ["folders", "dict", "hub"])
+@pytest.mark.parametrize("layout", ["folders", "dict", "hub", "hub-splits"])
 def test_load_annotation_layouts(tmp_path, layout):
     from svpo_trl.viz import load_annotation
 
     annotation = load_annotation(save_annotation(tmp_path / layout, layout))
     assert annotation.trees["id"] == ["q1", "q1", "q2"]
     assert len(annotation.pairs) == 3 and len(annotation.values) == 3
-    assert annotation.summary == ({} if layout == "hub" else SUMMARY)
+    assert annotation.summary == ({} if layout.startswith("hub") else SUMMARY)
     with pytest.raises(ValueError, match="not loadable"):
         load_annotation(tmp_path / "does-not-exist")
 
@@ -565,3 +581,86 @@ def test_annotation_report_numbers(tmp_path):
         and "![Pairs per type](pairs_per_type.png)" in markdown
     )
     assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == 5
+
+
+# ------------------------------------------------------------------------------------ the annotator's output
+
+SCRIPT_QUESTION = "What is 3 + 4?"
+
+
+def _code(label: str) -> str:
+    return f"<step>\n<p>\n{label}\n</p>\n<code>\n```python\nprint(1)\n```\n</code>"
+
+
+def _answer(label: str, value: str) -> str:
+    return f"<step>\n<p>\n{label}\n</p>\n<p>\nFinal Answer: ${value}$\n</p>\n</step>"
+
+
+# What the scripted "policy" writes, keyed by the labels of the steps so far (gold answer 7).
+SCRIPT = {
+    (): [(_code("A"), 0.5), (_answer("B", "8"), 0.9), (_answer("C", "8"), 0.8)],
+    ("A",): [(_code("D"), 0.6), (_answer("E", "9"), 0.3), (_code("F"), 0.1)],
+    ("A", "D"): [(_answer("G", "9"), 0.5), (_answer("H", "7"), 0.5), (_answer("I", "7"), 0.5)],
+    ("A", "F"): [(_code("J"), 0.5), (_answer("K", "7"), 0.5), (_code("L"), 0.5)],
+}
+
+
+class _PrintsOne:
+    """Every snippet prints 1: the scripted code steps need an output, not a real interpreter."""
+
+    def run_many(self, snippet_lists):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(stdout="1", error=None, timed_out=False) for _ in snippet_lists]
+
+
+def test_cli_on_the_annotators_output(tmp_path):
+    """recipes/inspect.py on what MCTSAnnotator writes: the page holds its tree, the report its totals."""
+    from svpo_trl.search.mcts import MCTSAnnotator, MCTSConfig
+    from svpo_trl.search.sampler import StepSampler
+    from svpo_trl.search.testing import ScriptedBackend
+
+    def script(prompt: str):
+        return SCRIPT[tuple(re.findall(r"<step>\n<p>\n(\w+)\n</p>", prompt))]
+
+    config = MCTSConfig(num_children=3, max_depth=3, temperature_levels=1, progress=False, target_correct=3)
+    annotator = MCTSAnnotator(
+        StepSampler(ScriptedBackend(script), sandbox=_PrintsOne()),
+        config,
+        grader=lambda p, g: p.strip() == str(g),
+    )
+    annotation = tmp_path / "annotation"
+    annotator.annotate([{"id": "q0", "question": SCRIPT_QUESTION, "answer": "7"}], annotation)
+    summary = json.loads((annotation / "summary.json").read_text())
+
+    page = tmp_path / "q0.html"
+    inspect = [sys.executable, str(REPO / "recipes" / "inspect.py")]
+    run = subprocess.run(
+        [*inspect, "tree", str(annotation), "--id", "q0", "--out", str(page)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    data = json.loads(re.search(r'id="tree-data">(.*?)</script>', page.read_text(), re.S)[1])
+    nodes = data["trees"][0]["nodes"]
+    assert len(nodes) == summary["nodes"] == 13  # root + A..L, as test_mcts computes by hand
+    by_label = {re.search(r"^(\w+)$", n.get("analysis") or "root")[1]: n for n in nodes}
+    assert (
+        by_label["D"]["q"] == pytest.approx(0.25)
+        and by_label["D"]["n"] == 4
+        and by_label["D"]["code"] == "print(1)"
+    )
+    assert {k for k, n in by_label.items() if n["on_path"]} == {"root", "A", "D", "F", "H", "I", "K"}
+    assert len(data["trees"][0]["pairs"]) == summary["pairs"]
+
+    cli = runpy.run_path(str(REPO / "recipes" / "inspect.py"), run_name="inspect_recipe")
+    cli["main"](["report", str(annotation), "--out", str(tmp_path / "report")])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert (report["problems"], report["trees"], report["nodes"]) == (1, summary["trees"], summary["nodes"])
+    assert report["pairs"]["total"] == summary["pairs"]
+    assert {k: v for k, v in report["pairs"]["by_type"].items() if v} == {
+        k: v for k, v in summary["pairs_by_type"].items() if v
+    }
+    assert report["cost"]["tokens"]["total"] == summary["tokens"]
+    assert (
+        report["terminals"]["correct"] == 3
+        and report["solve_rate"]["problems_solved"] == summary["solved"] == 1
+    )

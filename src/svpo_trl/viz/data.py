@@ -106,6 +106,15 @@ def _load_hub(name: str) -> dict:
     parts = {split: loaded[split] for split in DATASET_NAMES if split in loaded}
     if parts:
         return parts
+    for split in DATASET_NAMES:
+        # ``DatasetDict.push_to_hub`` puts the three datasets in one config as splits, but their schemas
+        # differ, so the config cannot load as a whole: read each split's files on their own.
+        try:
+            parts[split] = datasets.load_dataset(name, data_files={split: f"data/{split}-*"}, split=split)
+        except Exception:
+            continue
+    if parts:
+        return parts
     for config in DATASET_NAMES:
         try:
             ds = datasets.load_dataset(name, config)
