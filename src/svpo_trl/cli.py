@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
-STAGES = ("sft", "annotate", "value_sft", "svpo", "dpo", "evaluate")
+# Sections of a setting file: one per stage, and ``pipeline`` (read by the pipeline alone).
+STAGES = ("sft", "annotate", "value_sft", "svpo", "dpo", "evaluate", "pipeline")
 
 
 def load_setting(path: str) -> dict[str, Any]:

@@ -1,0 +1,81 @@
+"""Recipe argument parsing: one setting YAML with a section per stage, CLI overrides, clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from svpo_trl.cli import parse_stage_args
+
+
+@dataclass
+class Script:
+    model_name_or_path: str = "base"
+    limit: int | None = None
+
+
+@dataclass
+class Training:
+    learning_rate: float = 1e-5
+    seed: int = 42
+    strategies: list[str] = field(default_factory=lambda: ["greedy"])
+
+
+SETTING = """
+seed: 7
+env:
+  SVPO_TEST_ENV: from-yaml
+sft:
+  learning_rate: 0.002
+  model_name_or_path: toy
+svpo:
+  learning_rate: 1.0e-4
+  strategies: [greedy, "sbs(1,5)"]
+"""
+
+
+def test_stage_section_with_shared_keys_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("SVPO_TEST_ENV", raising=False)
+    path = tmp_path / "setting.yaml"
+    path.write_text(SETTING)
+    script, training = parse_stage_args("sft", [Script, Training], ["--config", str(path)])
+    assert (script.model_name_or_path, training.learning_rate, training.seed) == ("toy", 0.002, 7)
+    script, training = parse_stage_args("svpo", [Script, Training], ["--config", str(path), "--limit", "3"])
+    assert (script.model_name_or_path, training.learning_rate, script.limit) == ("base", 1e-4, 3)
+    assert training.strategies == ["greedy", "sbs(1,5)"]
+    _, training = parse_stage_args(
+        "svpo", [Script, Training], ["--config", str(path), "--learning_rate", "0.5"]
+    )
+    assert training.learning_rate == 0.5
+    import os
+
+    assert os.environ["SVPO_TEST_ENV"] == "from-yaml"
+
+
+def test_shared_keys_only_reach_stages_that_know_them(tmp_path):
+    path = tmp_path / "setting.yaml"
+    path.write_text("seed: 3\nsft:\n  limit: 2\n")
+    (script,) = parse_stage_args("sft", [Script], ["--config", str(path)])
+    assert script.limit == 2
+
+
+def test_unknown_key_in_a_stage_section_is_named(tmp_path):
+    path = tmp_path / "setting.yaml"
+    path.write_text("svpo:\n  learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown keys for stage 'svpo': \['--learning_rat'\]"):
+        parse_stage_args("svpo", [Script, Training], ["--config", str(path)])
+
+
+def test_flat_trl_style_file(tmp_path):
+    path = tmp_path / "flat.yaml"
+    path.write_text("learning_rate: 0.25\nmodel_name_or_path: m\n")
+    script, training = parse_stage_args("svpo", [Script, Training], ["--config", str(path)])
+    assert (script.model_name_or_path, training.learning_rate) == ("m", 0.25)
+
+
+def test_setting_must_be_a_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="expected a YAML mapping"):
+        parse_stage_args("sft", [Script], ["--config", str(path)])
