@@ -141,6 +141,7 @@ _TEXT_ONLY = re.compile(r"^\\(?:text|textbf|mbox|mathrm)\s*\{(.*)\}$", re.DOTALL
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SCI = re.compile(r"(?<![\w.])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
 _SET_BUILDER = re.compile(r"^\\\{\s*([A-Za-z])\s*(?:\||\\mid)\s*(.*)\\\}$", re.DOTALL)
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _WORDS = re.compile(r"^[A-Za-z][A-Za-z ,.'()-]*$")
 
 
@@ -175,7 +176,8 @@ def normalize_answer(text: str) -> str:
     if boxed is not None:
         text = boxed
     text = _strip_math_delimiters(text)
-    text = re.sub(r"\\[,!;: ]|\\q?quad\b", "", text)
+    # Thin spaces go; a "\\\\" row break (matrices) stays.
+    text = re.sub(r"\\\\|\\[,!;: ]|\\q?quad\b", lambda m: m.group(0) if m.group(0) == "\\\\" else "", text)
     text = text.replace("{,}", ",").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = re.sub(r"\\left\b|\\right\b", "", text)
     text = re.sub(r"\\displaystyle\b", "", text)
@@ -188,6 +190,9 @@ def normalize_answer(text: str) -> str:
             break
         text = stripped.rstrip(".").strip()
     text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\degree\b|°", "", text).strip()
+    words_after_number = re.fullmatch(rf"({_NUMBER})\s+(?:[A-Za-z]{{2,}}\.?\s*)+", text)
+    if words_after_number:  # "18 dollars", "3 cm"
+        text = words_after_number.group(1)
     assignment = re.fullmatch(r"[A-Za-z]\s*=\s*([^=]+)", text)
     if assignment and not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", assignment.group(1))):
         text = assignment.group(1)  # "x = 3" -> "3"; "y = 2x+1" stays an equation
@@ -218,7 +223,6 @@ def _text_key(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- numbers
-_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _PLAIN_NUMBER = re.compile(
     rf"^({_NUMBER})(?:[eE]([+-]?\d+)|\s*(?:\\times|\\cdot|\*|x)\s*10\s*\^\s*\{{?\s*([+-]?\d+)\s*\}}?)?$"
 )
@@ -436,6 +440,7 @@ def is_equiv(prediction: str | None, gold: str | Sequence[str], *, timeout: floa
                 undecided.append(g)
         if not undecided:
             return False
+        _warm_up()  # the first import of sympy takes seconds: keep it out of the budget
         if _can_use_signals():
             return _call_with_alarm(lambda: _symbolic_equiv_any(prediction, undecided), timeout)
         return _call_in_helper_process(prediction, undecided, timeout)
