@@ -60,6 +60,15 @@ def _pairs_rows() -> list[dict]:
     ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The tiny models gain nothing from intra-op threads, and threads thrash when other processes share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def pairs() -> Dataset:
     return Dataset.from_list(_pairs_rows())
