@@ -274,15 +274,21 @@ def _plot_cost(stats: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, key, label in zip(axes, ("tokens", "seconds"), ("generated tokens", "seconds")):
+    for ax, key, label, total_format in zip(
+        axes, ("tokens", "seconds"), ("generated tokens", "seconds"), ("{:,.0f}", "{:,.1f} s")
+    ):
         cost = stats["cost"][key]
         values = list(cost["per_question"].values()) if cost else []
         if values:
             ax.hist(values, bins=min(20, max(1, len(values))), color="#66a61e", edgecolor="white")
-            ax.set_title(f"{label} per question (total {cost['total']:.4g})", fontsize=10)
+            ax.set_title(f"{label} per question (total {total_format.format(cost['total'])})", fontsize=10)
         else:
             total = cost["total"] if cost else None
-            note = f"not recorded per question\n(total {total:.4g})" if total is not None else "not recorded"
+            note = (
+                f"not recorded per question\n(total {total_format.format(total)})"
+                if total is not None
+                else "not recorded"
+            )
             ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
             ax.set_title(f"{label} per question", fontsize=10)
         ax.set_xlabel(label)
