@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -321,3 +322,41 @@ def test_close_leaves_no_processes_or_files():
     assert not os.path.exists(base_dir)
     with pytest.raises(RuntimeError, match="closed"):
         box.run(["print(1)"])
+
+
+def test_limits_cannot_be_lifted_and_group_cannot_be_joined(sandbox):
+    result = sandbox.run(["import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))"])
+    assert result.error.startswith("PermissionError")
+    # The snippet runs in its own session: it cannot join the worker's process group to kill it.
+    result = sandbox.run(["import os\nos.setpgid(0, os.getpgid(os.getppid()))"])
+    assert result.error.startswith("PermissionError"), result
+    assert_pool_healthy(sandbox)
+
+
+def test_host_home_unreadable_but_python_and_own_proc_readable(sandbox):
+    home = os.path.realpath(os.path.expanduser("~"))
+    with tempfile.NamedTemporaryFile("w", dir=home, prefix=".svpo-sandbox-test-", suffix=".token") as token:
+        token.write("hunter2")
+        token.flush()
+        result = sandbox.run([f"print(open({token.name!r}).read())"])
+        assert result.error.startswith("PermissionError") and "hunter2" not in result.stdout, result
+    code = (
+        "import os, json, fractions\nprint(open('/proc/self/status').read().split()[0], len(json.dumps([1])))"
+    )
+    assert sandbox.run([code]) == ExecResult("Name: 3\n", None, False)
+
+
+def test_results_stay_small_and_valid_text(sandbox):
+    result = sandbox.run(["raise ValueError('e' * 100000)"])
+    assert result.error.startswith("ValueError: eee") and result.error.endswith("... [error truncated]")
+    assert len(result.error) < 1100
+    assert sandbox.run(["print('a\\ud800b')"]).stdout == "a?b\n"
+    assert sandbox.run(["print('π ≈ 3.14159')"]).stdout == "π ≈ 3.14159\n"
+
+
+def test_file_count_and_size_capped():
+    with PythonSandbox(timeout_s=5, num_workers=1, max_file_mb=1, max_write_opens=5) as box:
+        many = "for i in range(10):\n    open(f'f{i}.txt', 'w').write('x')"
+        assert box.run([many]).error.startswith("PermissionError")
+        big = "open('big.bin', 'wb').write(b'x' * (2 * 1024 ** 2))"
+        assert box.run([big]).error == "OSError: [Errno 27] File too large"

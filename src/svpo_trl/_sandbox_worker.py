@@ -41,6 +41,7 @@ import time
 import traceback
 
 _HEADER = struct.Struct("!I")
+_MAX_ERROR_CHARS = 1000  # an exception message can be arbitrarily long; the result must stay small
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -84,6 +85,8 @@ _DENIED_EVENTS = frozenset(
         "sys.remote_exec",
         "signal.pthread_kill",
         "mmap.__new__",
+        "resource.setrlimit",  # root with CAP_SYS_RESOURCE could raise the hard limits again
+        "resource.prlimit",
     }
 )
 # Re-importing these (after deleting them from sys.modules) would bring back functions removed below.
@@ -183,6 +186,11 @@ class _CappedOutput(io.TextIOBase):
         return text
 
 
+def _clean_text(text: str | None) -> str | None:
+    # Lone surrogates (print('\ud800')) are not valid UTF-8; downstream tokenizers would choke.
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _path_of(arg) -> str | None:
     if isinstance(arg, bytes):
         return os.fsdecode(arg)
@@ -193,12 +201,22 @@ def _path_of(arg) -> str | None:
     return None
 
 
-def _make_audit_hook(workdir: str, own_pid: int, result_fd: int):
-    """The PEP 578 hook of the child. Raising from it aborts the audited operation."""
+def _make_audit_hook(workdir: str, own_pid: int, result_fd: int, config: dict):
+    """The PEP 578 hook of the child. Raising from it aborts the audited operation.
+
+    RLIMIT_FSIZE caps each file; ``max_write_opens`` caps how many files may be opened for writing,
+    so that the directory (on a memory-backed tmpfs when available) stays small. Reads are free
+    except other processes' ``/proc`` entries and the host user's home directory (tokens, keys),
+    where only the Python installation and import path may be read.
+    """
+    max_write_opens = config["max_write_opens"]
+    private_roots = tuple(p.rstrip(os.sep) + os.sep for p in config["private_roots"])
+    python_roots = tuple(p.rstrip(os.sep) + os.sep for p in config["python_roots"])
     inside_prefix = workdir.rstrip(os.sep) + os.sep
     realpath, isdir, proc_prefix = os.path.realpath, os.path.isdir, "/proc/"
-    own_proc = (f"/proc/{own_pid}", "/proc/self", "/proc/thread-self")
+    own_pid_text = str(own_pid)
     allowed_writes = ("/dev/null",)
+    write_opens = [0]
 
     def refuse(what: str):
         raise PermissionError(errno.EPERM, f"sandbox: {what} is not allowed")
@@ -219,16 +237,21 @@ def _make_audit_hook(workdir: str, own_pid: int, result_fd: int):
             isinstance(flags, int) and flags & _WRITE_FLAGS
         )
         resolved = realpath(name)
-        if resolved.startswith(proc_prefix) and not resolved.startswith(own_proc):
+        if resolved.startswith(proc_prefix):
             part = resolved[len(proc_prefix) :].split("/", 1)[0]
-            if part.isdigit():
+            if part.isdigit() and part != own_pid_text:
                 refuse(f"reading another process's /proc entry ({name})")
+        if (resolved + os.sep).startswith(private_roots) and not (resolved + os.sep).startswith(python_roots):
+            refuse(f"reading the host user's private files ({name})")
         if writing:
             # Relative '..' paths could be resolved against a directory fd (dir_fd=), not the cwd.
             if resolved in allowed_writes:
                 return
             if not inside(name) or (not os.path.isabs(name) and ".." in name.split(os.sep)):
                 refuse(f"writing outside the sandbox directory ({name})")
+            write_opens[0] += 1
+            if write_opens[0] > max_write_opens:
+                refuse(f"opening more than {max_write_opens} files for writing")
         elif not inside(name) and isdir(name):
             # A directory fd from outside would let dir_fd-relative writes escape the checks above.
             refuse(f"opening a directory outside the sandbox ({name})")
@@ -293,7 +316,9 @@ def _run_snippets(snippets: list[str], capture: _CappedOutput, discard: _CappedO
 def _child(snippets: list[str], workdir: str, result_fd: int, config: dict) -> None:
     """Runs in the forked child; never returns (ends with ``_exit``)."""
     real_exit, write_all, dumps = os._exit, _write_all, json.dumps
-    os.setpgid(0, 0)
+    # A new session, not only a new group: joining the worker's group (setpgid) is then impossible,
+    # so a kill(0, ...) from the snippet reaches only its own group.
+    os.setsid()
     _LIBC_PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -321,8 +346,10 @@ def _child(snippets: list[str], workdir: str, result_fd: int, config: dict) -> N
     discard = _CappedOutput(0)
 
     def report(error: str | None) -> None:
-        payload = dumps({"stdout": capture.getvalue(), "error": error}).encode("utf-8", "surrogatepass")
-        write_all(result_fd, payload)
+        if error is not None and len(error) > _MAX_ERROR_CHARS:
+            error = error[:_MAX_ERROR_CHARS] + " ... [error truncated]"
+        result = {"stdout": _clean_text(capture.getvalue()), "error": _clean_text(error)}
+        write_all(result_fd, dumps(result, ensure_ascii=False).encode("utf-8"))
 
     def exit_with_report(status: int = 0) -> None:
         # os._exit from untrusted code: keep what was printed and say how it ended.
@@ -336,7 +363,8 @@ def _child(snippets: list[str], workdir: str, result_fd: int, config: dict) -> N
             if module is not None and hasattr(module, name):
                 delattr(module, name)
     os._exit = exit_with_report
-    sys.addaudithook(_make_audit_hook(os.path.realpath(workdir), os.getpid(), result_fd))
+    hook = _make_audit_hook(os.path.realpath(workdir), os.getpid(), result_fd, config)
+    sys.addaudithook(hook)
 
     error: str | None
     try:
@@ -392,11 +420,10 @@ def execute(snippets: list[str], config: dict) -> dict:
         finally:
             os._exit(70)
     os.close(write_fd)
-    with contextlib.suppress(OSError):
-        os.setpgid(pid, pid)  # also here, so that the group exists before any killpg below
 
     deadline = started + config["timeout_s"]
-    limit = 4 * config["max_output_chars"] + 65536
+    # JSON of the capped output and error: at most 6 bytes per character (\u escapes), plus slack.
+    limit = 6 * (config["max_output_chars"] + _MAX_ERROR_CHARS) + 65536
     chunks, size, timed_out = [], 0, False
     try:
         while True:
@@ -431,7 +458,7 @@ def execute(snippets: list[str], config: dict) -> dict:
     result = None
     if chunks:
         with contextlib.suppress(ValueError):
-            result = json.loads(b"".join(chunks).decode("utf-8", "surrogatepass"))
+            result = json.loads(b"".join(chunks).decode("utf-8", "replace"))
     if (
         isinstance(result, dict)
         and isinstance(result.get("stdout"), str)
@@ -463,6 +490,8 @@ def main() -> None:
     while True:
         request = _receive(proto_in)
         if request is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(config["base_dir"])  # succeeds for the last worker out, if the host is gone
             return
         try:
             reply = execute(request["snippets"], config)

@@ -171,6 +171,11 @@ class PythonSandbox:
         num_workers: size of the worker pool (grown on demand up to ``run_many``'s ``max_workers``);
             default ``os.cpu_count()``.
         max_file_mb: largest file a snippet may write inside its temporary directory.
+        max_write_opens: how many times a snippet may open a file for writing; with
+            ``max_file_mb`` it bounds the disk (or tmpfs memory) one execution can fill.
+        tmp_dir: where the per-execution directories are made. Default: ``/dev/shm`` when it is a
+            writable directory (memory-backed: creating and removing a directory there costs
+            microseconds instead of milliseconds on a slow disk), else the system temp directory.
         preload: modules each worker imports once before forking (``DEFAULT_PRELOAD``).
         python: the interpreter of the workers (default: this one).
 
@@ -185,7 +190,9 @@ class PythonSandbox:
         max_output_chars: int = 1000,
         *,
         num_workers: int | None = None,
-        max_file_mb: int = 16,
+        max_file_mb: int = 4,
+        max_write_opens: int = 64,
+        tmp_dir: str | None = None,
         preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD,
         python: str | None = None,
     ):
@@ -200,14 +207,17 @@ class PythonSandbox:
         self.max_output_chars = int(max_output_chars)
         self.num_workers = max(1, num_workers or os.cpu_count() or 1)
         self.python = python or sys.executable
-        self._base_dir = tempfile.mkdtemp(prefix="svpo-sandbox-")
+        self._base_dir = tempfile.mkdtemp(prefix="svpo-sandbox-", dir=tmp_dir or _default_tmp_dir())
         self._config = {
             "timeout_s": self.timeout_s,
             "memory_mb": self.memory_mb,
             "max_output_chars": self.max_output_chars,
             "max_file_mb": int(max_file_mb),
+            "max_write_opens": int(max_write_opens),
             "preload": list(preload),
             "base_dir": self._base_dir,
+            "private_roots": _private_roots(),
+            "python_roots": _python_roots(),
         }
         self._lock = threading.Condition()
         self._idle: list[_Worker] = []
@@ -328,6 +338,23 @@ class PythonSandbox:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _private_roots() -> list[str]:
+    """Directories whose files a snippet may not read: the host user's home (tokens, keys, caches)."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    return [home] if home not in ("/", "") else []
+
+
+def _python_roots() -> list[str]:
+    """Directories a snippet must be able to read even inside a private root: the interpreter and imports."""
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path}
+    return sorted({os.path.realpath(r) for r in roots if r and os.path.isdir(r)})
+
+
+def _default_tmp_dir() -> str | None:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
 def _make_closer(ref: weakref.ref):
