@@ -615,7 +615,7 @@ class _PrintsOne:
 
 
 def test_cli_on_the_annotators_output(tmp_path):
-    """recipes/inspect.py on what MCTSAnnotator writes: the page holds its tree, the report its totals."""
+    """recipes/inspect_search.py on what MCTSAnnotator writes: the page holds its tree, the report its totals."""
     from svpo_trl.search.mcts import MCTSAnnotator, MCTSConfig
     from svpo_trl.search.sampler import StepSampler
     from svpo_trl.search.testing import ScriptedBackend
@@ -634,7 +634,7 @@ def test_cli_on_the_annotators_output(tmp_path):
     summary = json.loads((annotation / "summary.json").read_text())
 
     page = tmp_path / "q0.html"
-    inspect = [sys.executable, str(REPO / "recipes" / "inspect.py")]
+    inspect = [sys.executable, str(REPO / "recipes" / "inspect_search.py")]
     run = subprocess.run(
         [*inspect, "tree", str(annotation), "--id", "q0", "--out", str(page)], capture_output=True, text=True
     )
@@ -651,7 +651,7 @@ def test_cli_on_the_annotators_output(tmp_path):
     assert {k for k, n in by_label.items() if n["on_path"]} == {"root", "A", "D", "F", "H", "I", "K"}
     assert len(data["trees"][0]["pairs"]) == summary["pairs"]
 
-    cli = runpy.run_path(str(REPO / "recipes" / "inspect.py"), run_name="inspect_recipe")
+    cli = runpy.run_path(str(REPO / "recipes" / "inspect_search.py"), run_name="inspect_recipe")
     cli["main"](["report", str(annotation), "--out", str(tmp_path / "report")])
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert (report["problems"], report["trees"], report["nodes"]) == (1, summary["trees"], summary["nodes"])

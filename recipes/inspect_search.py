@@ -1,20 +1,13 @@
 """Look inside an MCTS annotation: one question's search trees as an HTML page, or a report with plots.
 
-    python recipes/inspect.py tree out/annotation --id q3 --out q3.html [--tree-index 0] [--screenshot q3.png]
-    python recipes/inspect.py report out/annotation --out out/report
+    python recipes/inspect_search.py tree out/annotation --id q3 --out q3.html [--tree-index 0] [--screenshot q3.png]
+    python recipes/inspect_search.py report out/annotation --out out/report
 
 ``tree`` reads a local annotation directory (a ``DatasetDict`` folder, or ``trees/``, ``pairs/``,
 ``values/`` folders) or a Hub dataset id; ``report`` writes ``report.{md,html,json}`` and PNG plots.
 """
 
-# This file shares its name with the standard library's ``inspect``: drop the script's folder from the
-# import path before anything imports ``inspect``, or that import would load this script instead.
-import sys
-from pathlib import Path
-
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
+import argparse
 
 
 def main(argv: list[str] | None = None) -> None:
