@@ -169,15 +169,18 @@ def test_sign_accuracy_by_hand(tiny_model, tiny_tokenizer, dataset, tmp_path):
         model.v_head.weight.zero_()
         model.v_head.bias.fill_(0.5)
     trainer = ValueSFTTrainer(
-        model, config(tmp_path, max_steps=1), train_dataset=dataset, processing_class=tiny_tokenizer
+        model,
+        config(tmp_path, per_device_eval_batch_size=2),
+        eval_dataset=dataset,
+        processing_class=tiny_tokenizer,
     )
-    trainer.train()
-    assert trainer.state.log_history[0]["value_sign_accuracy"] == 0.5
+    metrics = trainer.evaluate()  # two micro-batches: metrics are averaged over them
     v = torch.tanh(torch.tensor(0.5)).item()
-    labels = [0.6, 1.0, 0.0, -1.0, -0.4]
-    assert trainer.state.log_history[0]["mse"] == pytest.approx(
-        sum((v - y) ** 2 for y in labels) / 5, rel=1e-5
-    )
+    # batch 1: labels [.6, 1] + [0, -1]: right on 2 of the 3 non-zero; batch 2: [-.4]: wrong
+    assert metrics["eval_value_sign_accuracy"] == pytest.approx((2 / 3 + 0) / 2)
+    first = [0.6, 1.0, 0.0, -1.0]
+    expected_mse = (sum((v - y) ** 2 for y in first) / 4 + (v + 0.4) ** 2) / 2
+    assert metrics["eval_mse"] == pytest.approx(expected_mse, rel=1e-5)
 
 
 def test_zero_mse_weight_removes_the_value_term(tiny_model, tiny_tokenizer, dataset, tmp_path):
