@@ -15,6 +15,7 @@ gaokao2023en, OCW) as stored on the Hub and in ``shared/data``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -387,13 +388,21 @@ def _helper_pool():
 
     with _POOL_LOCK:
         if _POOL is None or os.getpid() != _POOL_PID or not _POOL.active:
-            # forkserver: forking a multi-threaded process (we are off the main thread) can deadlock.
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            # fork: the helper starts in milliseconds with sympy already imported, and it never
+            # re-runs an unguarded __main__ as forkserver/spawn would. The child only runs sympy,
+            # so locks other threads held at fork time (torch, tokenizers) are never touched.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             _POOL = pebble.ProcessPool(
                 max_workers=_POOL_WORKERS, initializer=_warm_up, context=multiprocessing.get_context(method)
             )
             _POOL_PID = os.getpid()
+            atexit.register(_stop_helper_pool, _POOL)
         return _POOL
+
+
+def _stop_helper_pool(pool) -> None:
+    pool.stop()
+    pool.join(timeout=5)
 
 
 def _call_in_helper_process(prediction: str, golds: list[str], seconds: float) -> bool:
