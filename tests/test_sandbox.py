@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -360,3 +363,33 @@ def test_file_count_and_size_capped():
         assert box.run([many]).error.startswith("PermissionError")
         big = "open('big.bin', 'wb').write(b'x' * (2 * 1024 ** 2))"
         assert box.run([big]).error == "OSError: [Errno 27] File too large"
+
+
+def test_forgotten_sandbox_closed_at_exit(tmp_path):
+    # A script that never calls close(): atexit must stop the workers and remove the directories.
+    script = (
+        "import json, sys\nfrom svpo_trl.sandbox import PythonSandbox\n"
+        "box = PythonSandbox(num_workers=2)\nbox.warmup()\n"
+        "print(json.dumps([box.worker_pids, box._base_dir, box.run(['print(6 * 7)']).stdout]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pids, base_dir, stdout = json.loads(done.stdout)
+    assert stdout == "42\n" and len(pids) == 2
+    time.sleep(0.1)
+    assert all(_is_gone_or_zombie_free(pid) for pid in pids)
+    assert not os.path.exists(base_dir)
+
+
+def test_waiting_child_killed_from_outside_is_replaced():
+    # Each worker forks its next child ahead of the request; if that child dies, the run still succeeds.
+    with PythonSandbox(timeout_s=TIMEOUT_S, num_workers=1) as box:
+        assert box.run(["print(1)"]).stdout == "1\n"
+        (worker,) = box.worker_pids
+        time.sleep(0.05)
+        with open(f"/proc/{worker}/task/{worker}/children") as f:
+            (waiting,) = [int(pid) for pid in f.read().split()]
+        os.kill(waiting, signal.SIGKILL)
+        time.sleep(0.05)
+        assert box.run(["x = 2", "x * 21"]) == ExecResult("42", None, False)
+        assert box.worker_pids == [worker]

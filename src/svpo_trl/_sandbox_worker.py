@@ -313,8 +313,12 @@ def _run_snippets(snippets: list[str], capture: _CappedOutput, discard: _CappedO
         namespace.clear()
 
 
-def _child(snippets: list[str], workdir: str, result_fd: int, config: dict) -> None:
-    """Runs in the forked child; never returns (ends with ``_exit``)."""
+def _child(request_fd: int, result_fd: int, workdir: str, config: dict) -> None:
+    """Runs in the forked child; never returns (ends with ``_exit``).
+
+    The child is forked ahead of its request: it confines itself, then waits on ``request_fd``
+    for the snippets, so that the fork and the set-up are off the critical path of an execution.
+    """
     real_exit, write_all, dumps = os._exit, _write_all, json.dumps
     # A new session, not only a new group: joining the worker's group (setpgid) is then impossible,
     # so a kill(0, ...) from the snippet reaches only its own group.
@@ -323,8 +327,10 @@ def _child(snippets: list[str], workdir: str, result_fd: int, config: dict) -> N
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    os.closerange(3, result_fd)
-    os.closerange(result_fd + 1, 1 << 16)
+    low, high = sorted((request_fd, result_fd))
+    os.closerange(3, low)
+    os.closerange(low + 1, high)
+    os.closerange(high + 1, 1 << 16)
     os.chdir(workdir)
     os.environ["HOME"] = os.environ["TMPDIR"] = workdir
     tempfile.tempdir = workdir
@@ -366,12 +372,21 @@ def _child(snippets: list[str], workdir: str, result_fd: int, config: dict) -> N
     hook = _make_audit_hook(os.path.realpath(workdir), os.getpid(), result_fd, config)
     sys.addaudithook(hook)
 
+    chunks = []
+    while chunk := os.read(request_fd, 65536):
+        chunks.append(chunk)
+    os.close(request_fd)
+    if not chunks:  # the worker is shutting down and discarded this child
+        real_exit(0)
+    snippets = json.loads(b"".join(chunks))
+
     error: str | None
     try:
         error = _run_snippets(snippets, capture, discard)
     except BaseException as exc:  # MemoryError while cleaning up, ...
         error = _last_line_of(exc)
-    gc.collect()
+    if error is not None and error.startswith("MemoryError"):
+        gc.collect()  # free the cycles that filled the memory, so that reporting can allocate
     with contextlib.suppress(BaseException):
         report(error)
     real_exit(0)
@@ -407,47 +422,84 @@ def _reap_orphans() -> None:
             return
 
 
-def execute(snippets: list[str], config: dict) -> dict:
-    """Fork a confined child, wait for it (at most ``timeout_s``), clean up; returns the result dict."""
-    workdir = tempfile.mkdtemp(prefix="exec-", dir=config["base_dir"])
-    read_fd, write_fd = os.pipe()
-    started = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            _child(snippets, workdir, write_fd, config)
-        finally:
-            os._exit(70)
-    os.close(write_fd)
+class _Child:
+    """A confined child forked ahead of its request, waiting for snippets on ``request_fd``."""
 
-    deadline = started + config["timeout_s"]
-    # JSON of the capped output and error: at most 6 bytes per character (\u escapes), plus slack.
-    limit = 6 * (config["max_output_chars"] + _MAX_ERROR_CHARS) + 65536
-    chunks, size, timed_out = [], 0, False
-    try:
+    def __init__(self, config: dict):
+        self.workdir = tempfile.mkdtemp(prefix="exec-", dir=config["base_dir"])
+        request_read, self.request_fd = os.pipe()
+        self.result_fd, result_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(self.request_fd)
+                os.close(self.result_fd)
+                _child(request_read, result_write, self.workdir, config)
+            finally:
+                os._exit(70)
+        os.close(request_read)
+        os.close(result_write)
+
+    def submit(self, snippets: list[str]) -> bool:
+        """Hand the snippets over; False if the child is already gone."""
+        try:
+            _write_all(self.request_fd, json.dumps(snippets).encode("utf-8", "surrogatepass"))
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(self.request_fd)
+            self.request_fd = -1
+
+    def collect(self, deadline: float, limit: int) -> tuple[bytes, bool]:
+        """Read the child's report until EOF or the deadline; returns (data, timed_out)."""
+        chunks, size = [], 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([read_fd], [], [], remaining)
+                return b"".join(chunks), True
+            ready, _, _ = select.select([self.result_fd], [], [], remaining)
             if not ready:
                 continue
-            chunk = os.read(read_fd, 65536)
+            chunk = os.read(self.result_fd, 65536)
             if not chunk:
-                break
+                return b"".join(chunks), False
             if size < limit:
                 chunks.append(chunk)
                 size += len(chunk)
-    finally:
-        os.close(read_fd)
+
+    def finish(self) -> int:
+        """Kill whatever is left of the child's session, reap it, remove its directory; returns its status."""
+        for fd in (self.request_fd, self.result_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.request_fd = self.result_fd = -1
         for kill in (os.killpg, os.kill):
             with contextlib.suppress(OSError):
-                kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+                kill(self.pid, signal.SIGKILL)
+        _, status = os.waitpid(self.pid, 0)
         _reap_orphans()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return status
+
+
+def execute(child: _Child, snippets: list[str], config: dict) -> dict:
+    """Run ``snippets`` in the waiting ``child`` (at most ``timeout_s``), clean up; returns the result dict."""
+    started = time.monotonic()
+    # JSON of the capped output and error: at most 6 bytes per character (\u escapes), plus slack.
+    limit = 6 * (config["max_output_chars"] + _MAX_ERROR_CHARS) + 65536
+    data, timed_out = b"", False
+    if not child.submit(snippets):
+        # It died waiting (killed from outside, out of memory): not the snippets' doing, so retry once.
+        child.finish()
+        child = _Child(config)
+        started = time.monotonic()
+        child.submit(snippets)
+    try:
+        data, timed_out = child.collect(started + config["timeout_s"], limit)
+    finally:
+        status = child.finish()
 
     if timed_out:
         return {
@@ -456,9 +508,9 @@ def execute(snippets: list[str], config: dict) -> dict:
             "timed_out": True,
         }
     result = None
-    if chunks:
+    if data:
         with contextlib.suppress(ValueError):
-            result = json.loads(b"".join(chunks).decode("utf-8", "replace"))
+            result = json.loads(data.decode("utf-8", "replace"))
     if (
         isinstance(result, dict)
         and isinstance(result.get("stdout"), str)
@@ -486,18 +538,22 @@ def main() -> None:
             __import__(name)
     gc.collect()
     gc.freeze()  # keeps the preloaded objects' pages shared with the forked children
+    child = _Child(config)
     _send(proto_out, {"ready": True, "pid": os.getpid()})
     while True:
         request = _receive(proto_in)
         if request is None:
+            child.finish()
             with contextlib.suppress(OSError):
                 os.rmdir(config["base_dir"])  # succeeds for the last worker out, if the host is gone
             return
         try:
-            reply = execute(request["snippets"], config)
+            reply = execute(child, request["snippets"], config)
         except Exception as exc:  # a bug here must not kill the worker silently
             reply = {"stdout": "", "error": f"SandboxError: {_last_line_of(exc)}", "timed_out": False}
         _send(proto_out, reply)
+        # Fork the next child while the host digests this reply and prepares the next request.
+        child = _Child(config)
 
 
 if __name__ == "__main__":
