@@ -183,6 +183,22 @@ def test_sign_accuracy_by_hand(tiny_model, tiny_tokenizer, dataset, tmp_path):
     assert metrics["eval_mse"] == pytest.approx(expected_mse, rel=1e-5)
 
 
+def test_gradient_accumulation_normalises_nll_over_the_whole_batch(tiny_model, tiny_tokenizer, tmp_path):
+    model = ValueHeadForCausalLM.from_causal_lm(tiny_model)
+    rows = ROWS[:2]  # one correct, one incorrect: two micro-batches of one solution
+    good, bad = (hand_computed_terms(copy.deepcopy(model), tiny_tokenizer, [row]) for row in rows)
+    args = config(
+        tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=1, mse_weight=0.5
+    )
+    trainer = ValueSFTTrainer(
+        model, args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer
+    )
+    trainer.train()
+    # All NLL tokens are the correct solution's: its full NLL, not half of it; the MSE is the mean of the two
+    expected = good["nll"] + 0.5 * (good["mse"] + bad["mse"]) / 2
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_zero_mse_weight_removes_the_value_term(tiny_model, tiny_tokenizer, dataset, tmp_path):
     model = ValueHeadForCausalLM.from_causal_lm(tiny_model)
     head = copy.deepcopy(model.v_head)

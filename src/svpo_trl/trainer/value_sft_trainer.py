@@ -163,8 +163,10 @@ class ValueSFTTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        # compute_loss averages within the micro-batch; let Trainer divide by the accumulation steps
-        self.model_accepts_loss_kwargs = False
+        # Trainer then counts the NLL tokens of the whole accumulated batch (`num_items_in_batch`), and
+        # compute_loss scales both terms for gradient accumulation itself
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -182,7 +184,13 @@ class ValueSFTTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | None = None,
     ):
-        """Eq. 7: ``nll + mse_weight · mse`` (the MSE term is left out entirely when its weight is 0)."""
+        """Eq. 7: ``nll + mse_weight · mse`` (the MSE term is left out entirely when its weight is 0).
+
+        In training, the NLL is summed over tokens and divided by the NLL-token count of the whole
+        accumulated batch (all micro-batches and processes: TRL's SFT normalisation), so a micro-batch of
+        incorrect solutions does not dilute it; the MSE is the micro-batch mean divided by the
+        accumulation steps (a mean of micro-batch means). In evaluation both are micro-batch means.
+        """
         outputs = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -198,9 +206,27 @@ class ValueSFTTrainer(Trainer):
             inputs["step_values"],
             inputs["step_mask"],
         )
-        loss = terms["nll"]
+        nll, mse = terms["nll"], terms["mse"]
+        steps = getattr(self, "current_gradient_accumulation_steps", 1)
+        if model.training and num_items_in_batch is not None:
+            # A batch of incorrect solutions only has no NLL tokens at all: 0 / 1, not 0 / 0
+            count = (
+                num_items_in_batch.clamp(min=1)
+                if torch.is_tensor(num_items_in_batch)
+                else max(num_items_in_batch, 1)
+            )
+            nll = -(outputs.log_probs * outputs.label_mask).sum() / count
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                nll = nll * self.accelerator.num_processes  # DDP averages gradients over processes
+            mse = mse / steps
+        elif model.training:
+            nll, mse = (
+                nll / steps,
+                mse / steps,
+            )
+        loss = nll
         if self.args.mse_weight != 0:
-            loss = loss + self.args.mse_weight * terms["mse"]
+            loss = loss + self.args.mse_weight * mse
 
         mode = "train" if self.model.training else "eval"
         self._record_metrics(mode, terms)
