@@ -149,6 +149,9 @@ EQUIV_TABLE = [
     ("\\arcsin(10/13)", "np.arcsin(10/13)", True, "ocw"),
     ("1e-5", "10^{-5}", True, "ocw"),
     ("1.6 \\mathrm{~cm}", "1.6", True, "ocw"),
+    ("\\frac{4A}{3+3i}e^{it}", "\\frac{4 A}{3+3 i} e^{i t}", True, "ocw"),  # spacing changes sympy's i
+    ("\\frac{4A}{3+3i}e^{-it}", "\\frac{4 A}{3+3 i} e^{i t}", False, "ocw"),
+    ("y^2+1", "x^2+1", False, "expression"),
     # MARIO_EVAL: several acceptable golds
     ("-3", ["3", "-3"], True, "list"),
     ("2", ["3", "-3"], False, "list"),

@@ -312,7 +312,38 @@ def _symbolic_equiv(prediction: str, gold: str) -> bool:
     if "%" in prediction or "%" in gold:  # percentages: as math-verify decides
         return False
     value_gold, value_pred = _numeric_value(parsed_gold), _numeric_value(parsed_pred)
-    return value_gold is not None and value_pred is not None and _close(value_gold, value_pred)
+    if value_gold is not None and value_pred is not None:
+        return _close(value_gold, value_pred)
+    return _same_function(parsed_gold, parsed_pred)
+
+
+def _same_function(parsed_gold: list, parsed_pred: list, points: int = 3) -> bool:
+    """Two expressions in the same variables that agree at random points (OCW formulas).
+
+    math-verify gives ``i`` different sympy assumptions depending on the spacing of the LaTeX
+    (``e^{i t}`` vs ``e^{it}``), and then sees two equal expressions as different: symbols are
+    matched by name here, and the expressions compared at ``points`` random real points.
+    """
+    import random
+
+    import sympy
+
+    exprs = [
+        next((e for e in parsed if isinstance(e, sympy.Expr)), None) for parsed in (parsed_gold, parsed_pred)
+    ]
+    if any(e is None or not e.free_symbols for e in exprs):
+        return False
+    names = sorted({s.name for e in exprs for s in e.free_symbols})
+    if len(names) > 8:
+        return False
+    plain = [e.xreplace({s: sympy.Symbol(s.name) for s in e.free_symbols}) for e in exprs]
+    rng = random.Random(0)
+    for _ in range(points):
+        point = {sympy.Symbol(n): sympy.Float(rng.uniform(0.5, 1.5)) for n in names}
+        values = [complex(e.xreplace(point).evalf()) for e in plain]
+        if not _close(values[0], values[1]):
+            return False
+    return True
 
 
 def _fast_equiv(prediction: str, gold: str) -> bool | None:
@@ -423,7 +454,8 @@ def is_equiv(prediction: str | None, gold: str | Sequence[str], *, timeout: floa
     Order: cleaned strings equal (:func:`normalize_answer`); text answers (``\\text{even}``)
     compared as lower-cased words; two plain numbers compared with relative tolerance 1e-4;
     otherwise math-verify (``verify(gold, prediction)``), then the numeric values of both sides
-    with relative tolerance 1e-4 (so ``\\frac{\\sqrt{3}}{2}`` equals ``0.866``). Percentages follow
+    with relative tolerance 1e-4 (so ``\\frac{\\sqrt{3}}{2}`` equals ``0.866``), or for
+    expressions in variables their values at 3 random points. Percentages follow
     math-verify (``50\\%`` equals both ``0.5`` and ``50``).
 
     Never raises (bad input is simply not equivalent) and returns within about ``timeout``
