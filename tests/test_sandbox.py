@@ -166,6 +166,7 @@ def test_exit_calls(sandbox):
     assert sandbox.run(["import sys\nprint('a')\nsys.exit(0)"]) == ExecResult("a\n", "SystemExit: 0", False)
     assert sandbox.run(["import sys\nsys.exit('bye')"]).error == "SystemExit: bye"
     assert sandbox.run(["exit(2)"]).error == "SystemExit: 2"
+    assert sandbox.run(["import sys\nsys.exit()"]).error == "SystemExit: 0"
     assert sandbox.run(["import os\nprint('b')\nos._exit(3)"]) == ExecResult(
         "b\n", "SystemExit: 3 (os._exit)", False
     )
@@ -217,6 +218,7 @@ def test_writes_confined_to_private_directory(sandbox, tmp_path):
         f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\nos.open('outside.txt', os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
         f"import os\nos.mkfifo({str(outside)!r})",
         f"import shutil\nshutil.copy('/etc/hostname', {str(outside)!r})",
+        "import os\nos.makedirs('a/b')\nos.chdir('a/b')\nfd = os.open('../..', os.O_RDONLY)\nos.mkdir('../../x', dir_fd=fd)",
     ]
     for code in attempts:
         result = sandbox.run([code])

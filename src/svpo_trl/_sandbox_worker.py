@@ -222,6 +222,9 @@ def _make_audit_hook(workdir: str, own_pid: int, result_fd: int, config: dict):
         raise PermissionError(errno.EPERM, f"sandbox: {what} is not allowed")
 
     def inside(path: str) -> bool:
+        # A relative '..' path may be resolved against a directory fd (dir_fd=), not the cwd: refused.
+        if not os.path.isabs(path) and ".." in path.split(os.sep):
+            return False
         resolved = realpath(path)
         return resolved == workdir or resolved.startswith(inside_prefix)
 
@@ -244,10 +247,9 @@ def _make_audit_hook(workdir: str, own_pid: int, result_fd: int, config: dict):
         if (resolved + os.sep).startswith(private_roots) and not (resolved + os.sep).startswith(python_roots):
             refuse(f"reading the host user's private files ({name})")
         if writing:
-            # Relative '..' paths could be resolved against a directory fd (dir_fd=), not the cwd.
             if resolved in allowed_writes:
                 return
-            if not inside(name) or (not os.path.isabs(name) and ".." in name.split(os.sep)):
+            if not inside(name):
                 refuse(f"writing outside the sandbox directory ({name})")
             write_opens[0] += 1
             if write_opens[0] > max_write_opens:
@@ -306,7 +308,7 @@ def _run_snippets(snippets: list[str], capture: _CappedOutput, discard: _CappedO
                 capture.write(repr(value))
         return None
     except SystemExit as exc:
-        return f"SystemExit: {exc.code}"
+        return f"SystemExit: {0 if exc.code is None else exc.code}"
     except BaseException as exc:
         return _last_line_of(exc)
     finally:
