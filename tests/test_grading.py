@@ -34,6 +34,7 @@ EQUIV_TABLE = [
     ("1,000,000", "1000000", True, "gsm8k"),
     ("\\$18", "18", True, "gsm8k"),
     ("18 dollars", "18", True, "gsm8k"),
+    ("$1,000$ dollars.", "1000", True, "gsm8k"),
     ("17", "18", False, "gsm8k"),
     ("-18", "18", False, "gsm8k"),
     ("\\boxed{42}", "42", True, "gsm8k"),

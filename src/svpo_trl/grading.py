@@ -191,7 +191,9 @@ def normalize_answer(text: str) -> str:
             break
         text = stripped.rstrip(".").strip()
     text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\degree\b|°", "", text).strip()
-    words_after_number = re.fullmatch(rf"({_NUMBER})\s+(?:[A-Za-z]{{2,}}\.?\s*)+", text)
+    words_after_number = re.fullmatch(
+        rf"([+-]?\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?|{_NUMBER})\s+(?:[A-Za-z]{{2,}}\.?\s*)+", text
+    )
     if words_after_number:  # "18 dollars", "3 cm"
         text = words_after_number.group(1)
     assignment = re.fullmatch(r"[A-Za-z]\s*=\s*([^=]+)", text)
