@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -415,6 +416,19 @@ def test_save_and_load_restore_identical_outputs(tiny_tokenizer, tmp_path, pairs
         b = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert torch.equal(a.logits, b.logits)
     assert torch.equal(a.values, b.values)
+    # A checkpoint path works as `model` too (head restored), and evaluation logs every term.
+    resumed = SVPOTrainer(
+        str(tmp_path / "saved"),
+        args=_config(tmp_path),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        processing_class=tiny_tokenizer,
+    )
+    assert torch.equal(resumed.model.v_head.weight, trainer.model.v_head.weight)
+    metrics = resumed.evaluate()
+    for key in ("eval_loss", "eval_loss/dpo", "eval_loss/margin", "eval_loss/mse", "eval_values/accuracy"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
+    assert metrics["eval_loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)  # policy == its own reference
 
 
 def test_precompute_ref_log_probs(tiny_tokenizer, tmp_path, pairs):
