@@ -41,6 +41,7 @@ import time
 import traceback
 
 _HEADER = struct.Struct("!I")
+_HARD_KILL_GRACE_S = 0.5  # after the child's own soft limit, before the worker kills it
 _MAX_ERROR_CHARS = 1000  # an exception message can be arbitrarily long; the result must stay small
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -353,10 +354,14 @@ def _child(request_fd: int, result_fd: int, workdir: str, config: dict) -> None:
     capture = _CappedOutput(config["max_output_chars"])
     discard = _CappedOutput(0)
 
-    def report(error: str | None) -> None:
+    def report(error: str | None, timed_out: bool = False) -> None:
         if error is not None and len(error) > _MAX_ERROR_CHARS:
             error = error[:_MAX_ERROR_CHARS] + " ... [error truncated]"
-        result = {"stdout": _clean_text(capture.getvalue()), "error": _clean_text(error)}
+        result = {
+            "stdout": _clean_text(capture.getvalue()),
+            "error": _clean_text(error),
+            "timed_out": timed_out,
+        }
         write_all(result_fd, dumps(result, ensure_ascii=False).encode("utf-8"))
 
     def exit_with_report(status: int = 0) -> None:
@@ -382,15 +387,31 @@ def _child(request_fd: int, result_fd: int, workdir: str, config: dict) -> None:
         real_exit(0)
     snippets = json.loads(b"".join(chunks))
 
+    # Soft time limit: interrupt the snippet like a notebook's "interrupt kernel", keeping what it
+    # printed. The worker's hard kill a little later covers code that never returns to the
+    # interpreter loop (a huge C-level computation) or that swallows the exception.
+    timeout_message = _timeout_message(config)
+    fired = []
+
+    def interrupt(signum, frame):
+        fired.append(True)
+        raise TimeoutError(timeout_message[len("TimeoutError: ") :])
+
+    signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, config["timeout_s"])
     error: str | None
     try:
         error = _run_snippets(snippets, capture, discard)
-    except BaseException as exc:  # MemoryError while cleaning up, ...
+    except BaseException as exc:  # MemoryError while cleaning up, a late interrupt, ...
         error = _last_line_of(exc)
+    with contextlib.suppress(BaseException):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    if fired:
+        error = timeout_message
     if error is not None and error.startswith("MemoryError"):
         gc.collect()  # free the cycles that filled the memory, so that reporting can allocate
     with contextlib.suppress(BaseException):
-        report(error)
+        report(error, timed_out=bool(fired))
     real_exit(0)
 
 
@@ -486,6 +507,10 @@ class _Child:
         return status
 
 
+def _timeout_message(config: dict) -> str:
+    return f"TimeoutError: execution exceeded the {config['timeout_s']:g} s time limit"
+
+
 def execute(child: _Child, snippets: list[str], config: dict) -> dict:
     """Run ``snippets`` in the waiting ``child`` (at most ``timeout_s``), clean up; returns the result dict."""
     started = time.monotonic()
@@ -499,16 +524,12 @@ def execute(child: _Child, snippets: list[str], config: dict) -> dict:
         started = time.monotonic()
         child.submit(snippets)
     try:
-        data, timed_out = child.collect(started + config["timeout_s"], limit)
+        data, timed_out = child.collect(started + config["timeout_s"] + _HARD_KILL_GRACE_S, limit)
     finally:
         status = child.finish()
 
     if timed_out:
-        return {
-            "stdout": "",
-            "error": f"TimeoutError: execution exceeded the {config['timeout_s']:g} s time limit",
-            "timed_out": True,
-        }
+        return {"stdout": "", "error": _timeout_message(config), "timed_out": True}
     result = None
     if data:
         with contextlib.suppress(ValueError):
@@ -518,7 +539,11 @@ def execute(child: _Child, snippets: list[str], config: dict) -> dict:
         and isinstance(result.get("stdout"), str)
         and isinstance(result.get("error"), (str, type(None)))
     ):
-        return {"stdout": result["stdout"], "error": result["error"], "timed_out": False}
+        return {
+            "stdout": result["stdout"],
+            "error": result["error"],
+            "timed_out": result.get("timed_out") is True,
+        }
     error, is_timeout = _describe_status(status, config)
     return {"stdout": "", "error": error, "timed_out": is_timeout}
 
