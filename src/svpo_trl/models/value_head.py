@@ -2,7 +2,7 @@
 
 ``V_φ`` is one linear layer with a tanh, parallel to the LM head, reading the final hidden state; the
 value of a partial solution is read at the last token of its last step (A.3). It is pre-trained with
-Eq. 7 (:class:`~svpo_trl.trainer.ValueSFTTrainer`) and trained jointly with the policy by SVPO (Eq. 9–10).
+Eq. 7 (:class:`~svpo_trl.trainer.value_sft_trainer.ValueSFTTrainer`) and trained jointly with the policy by SVPO (Eq. 9–10).
 
 Contract (what the trainers and the search rely on)
 ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""Configuration of :class:`~svpo_trl.trainer.ValueSFTTrainer`: value pre-training via SFT (Eq. 7, Appendix A.1)."""
+"""Configuration of :class:`~svpo_trl.trainer.value_sft_trainer.ValueSFTTrainer`: value pre-training via SFT (Eq. 7, Appendix A.1)."""
 
 from __future__ import annotations
 
