@@ -409,3 +409,20 @@ def test_waiting_child_killed_from_outside_is_replaced():
         time.sleep(0.05)
         assert box.run(["x = 2", "x * 21"]) == ExecResult("42", None, False)
         assert box.worker_pids == [worker]
+
+
+def test_close_during_a_run_is_prompt_and_the_run_gets_a_result():
+    box = PythonSandbox(timeout_s=30, num_workers=1)
+    box.warmup()
+    results: list[ExecResult] = []
+    thread = threading.Thread(target=lambda: results.append(box.run(["import time\ntime.sleep(20)"])))
+    thread.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    box.close()
+    thread.join(timeout=10)
+    assert time.monotonic() - start < 5
+    assert not thread.is_alive()
+    (result,) = results
+    assert result.error.startswith("SandboxError")
+    assert _host_zombies() == []

@@ -6,9 +6,18 @@ earlier steps' snippets and then the new one, and returns what the new one print
 Model-written code is untrusted, and a search executes hundreds of snippets per second, so
 :class:`PythonSandbox` keeps a pool of warm worker interpreters (``python -I``, scrubbed environment,
 common modules preloaded). Each execution forks a fresh child from a worker (a few ms), confines it
-(process group, rlimits, a PEP 578 audit hook, a private temporary directory) and reports back. A
+(its own session, rlimits, a PEP 578 audit hook, a private temporary directory) and reports back. A
 timeout, crash or limit breach is a result (``error``, ``timed_out``), never an exception that stops
 a search. The containment itself lives in :mod:`svpo_trl._sandbox_worker`.
+
+What is contained, each as a result with the host and the pool unharmed: infinite loops (interrupted
+at ``timeout_s``, killed 0.5 s later if they do not yield), runaway memory (``MemoryError``), fork
+bombs and process floods (refused), deep recursion, huge output (truncated), ``sys.exit`` and
+``os._exit``, signals to the parent or any other process (refused), network access (refused),
+writes outside the private temporary directory (refused; the directory is removed afterwards),
+reading the host's environment (not inherited; other processes' ``/proc`` and the host user's
+home are unreadable). This is defence in depth for model-written arithmetic, not a boundary
+against a determined attacker (use a container or VM for that).
 
 Example::
 
@@ -72,8 +81,9 @@ _WORKER_ENV = {
 class ExecResult:
     """Outcome of one execution.
 
-    ``stdout`` is what the last snippet printed (truncated to ``max_output_chars`` with a marker), or,
-    if it printed nothing and ends in a bare expression, that value's ``repr`` as a notebook shows it.
+    ``stdout`` is what the last snippet printed, stdout and stderr interleaved as a notebook shows
+    them (truncated to ``max_output_chars`` with a marker), or, if it printed nothing and ends in a
+    bare expression, that value's ``repr``. What earlier snippets printed is not included.
     ``error`` is the last line of the traceback (``"ZeroDivisionError: division by zero"``), or a
     line of the same shape for a limit breach (``"TimeoutError: ..."``, ``"MemoryError: ..."``),
     else None. ``timed_out`` is True when the wall-clock or CPU time limit was hit.
@@ -147,12 +157,14 @@ class _Worker:
             with contextlib.suppress(OSError):
                 stream.close()
 
-    def close(self, timeout: float = 2.0) -> None:
-        # EOF on stdin asks the worker to exit after its current execution; kill if it lingers.
+    def request_exit(self) -> None:
+        # EOF on stdin asks the worker to exit (after its current execution, if any).
         with contextlib.suppress(OSError):
             self.process.stdin.close()
+
+    def wait_or_kill(self, deadline: float) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=timeout)
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         self.kill()
 
 
@@ -160,8 +172,9 @@ class PythonSandbox:
     """Runs untrusted Python snippets in confined, forked children of a pool of warm workers.
 
     Args:
-        timeout_s: wall-clock limit of one execution (all snippets of the path), in seconds; the
-            CPU-time limit is the same, rounded up. 5 s: the arithmetic of a reasoning step takes
+        timeout_s: wall-clock limit of one execution (all snippets of the path), in seconds: the
+            snippet is interrupted then (its output so far kept) and killed 0.5 s later if it does
+            not stop; the CPU-time limit is the same, rounded up. 5 s: the arithmetic of a reasoning step takes
             milliseconds, so anything near 5 s is a runaway loop, and a search cannot wait longer.
         memory_mb: address-space limit of the executing process. 1024 MB: room for sympy/numpy
             work, yet 2 parallel runaways cannot exhaust a small machine.
@@ -318,7 +331,11 @@ class PythonSandbox:
             self._idle.clear()
             self._lock.notify_all()
         for worker in workers:
-            worker.close()
+            worker.request_exit()
+        # Idle workers exit at once; a busy one gets a moment to finish, then is killed.
+        deadline = time.monotonic() + 1.0
+        for worker in workers:
+            worker.wait_or_kill(deadline)
         shutil.rmtree(self._base_dir, ignore_errors=True)
         with contextlib.suppress(Exception):
             atexit.unregister(self._atexit)
