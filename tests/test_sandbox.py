@@ -164,6 +164,10 @@ def test_deep_recursion(sandbox):
     result = sandbox.run([deep])
     assert result.error is not None
     assert result.error.startswith(("RecursionError", "MemoryError", "TimeoutError", "ProcessKilled"))
+    # Recursion through C code with the limit lifted overflows the C stack: a crash, reported as such.
+    crash = "import sys\nsys.setrecursionlimit(10 ** 6)\ndef f(n):\n    return list(map(f, [n]))\nf(0)"
+    result = sandbox.run([crash])
+    assert result.error.startswith("RecursionError: process crashed with SIGSEGV"), result
     assert_pool_healthy(sandbox)
 
 
