@@ -430,3 +430,17 @@ def test_close_during_a_run_is_prompt_and_the_run_gets_a_result():
     (result,) = results
     assert result.error.startswith("SandboxError")
     assert _host_zombies() == []
+
+
+def test_no_descriptor_or_directory_leaks(sandbox):
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    sandbox.run_many([["print(0)"]] * 4)
+    before = open_fds()
+    mixed = [["print(1)"], ["1 / 0"], ["import os\nos._exit(1)"], ["open('f.txt', 'w').write('x')"]] * 10
+    results = sandbox.run_many(mixed)
+    assert [r.stdout for r in results[:4]] == ["1\n", "", "", "1"]  # write() returned 1
+    assert open_fds() == before
+    # Only the waiting children's fresh directories remain, at most one per worker (40 if leaking).
+    assert len(os.listdir(sandbox._base_dir)) <= len(sandbox.worker_pids)
