@@ -33,7 +33,10 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 800) -> PreTrainedT
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    # padding_side as an init argument, so that save_pretrained/from_pretrained keep it (generation
+    # of a batch needs left padding).
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left"
+    )
     fast.add_tokens(FORMAT_TAGS)
-    fast.padding_side = "left"
     return fast
