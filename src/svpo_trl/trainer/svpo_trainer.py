@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -188,8 +189,10 @@ class SVPOTrainer(DPOTrainer):
     """Trainer for SVPO (Eq. 10), the paper's ablations and its solution-level DPO baseline.
 
     Args:
-        model: a ``ValueHeadForCausalLM``, a plain causal LM (wrapped with a fresh value head), a model id or path
-            (loaded with ``ValueHeadForCausalLM.from_pretrained``), or a PEFT model around a ``ValueHeadForCausalLM``.
+        model: a ``ValueHeadForCausalLM``, a plain causal LM (given a fresh value head in place, see
+            ``ValueHeadForCausalLM.from_causal_lm``), a model id or path (loaded with
+            ``ValueHeadForCausalLM.from_pretrained``: a saved head is restored), or a PEFT model around a
+            ``ValueHeadForCausalLM``.
         ref_model: the frozen reference π'. Default: a frozen copy of ``model`` (its value head is unused); none
             with PEFT (the adapter is disabled instead) or with ``precompute_ref_log_probs=True``, as in TRL.
         args: an :class:`SVPOConfig`.
@@ -262,7 +265,10 @@ class SVPOTrainer(DPOTrainer):
             )
 
         if isinstance(model, str):
-            model = ValueHeadForCausalLM.from_pretrained(model, **(args.model_init_kwargs or {}))
+            init_kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:  # applied here, since the model is loaded here
+                init_kwargs["quantization_config"], quantization_config = quantization_config, None
+            model = ValueHeadForCausalLM.from_pretrained(model, **init_kwargs)
         elif is_peft_model(model):
             if not isinstance(model.get_base_model(), ValueHeadForCausalLM):
                 raise TypeError(
@@ -338,8 +344,6 @@ class SVPOTrainer(DPOTrainer):
             filter_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
             dataset = dataset.filter(fits, **filter_kwargs)
             if before is not None and len(dataset) < before:
-                import warnings
-
                 warnings.warn(
                     f"{before - len(dataset)} of {before} pairs in the {dataset_name} dataset are longer than "
                     f"max_length={args.max_length} tokens and were dropped.",
