@@ -168,7 +168,7 @@ def test_toy_tokenizer_is_deterministic(toy_tokenizer):
 
 # ---------------------------------------------------------------------------- stage-0 bootstrap
 _TINY = dict(
-    num_train_problems=64, max_steps=20, batch_size=8, learning_rate=3e-3, hidden_size=32, num_layers=1,
+    num_train_problems=64, max_steps=20, batch_size=4, learning_rate=3e-3, hidden_size=32, num_layers=1,
     num_heads=2, vocab_size=400, tokenizer_texts=200, logging_steps=5,
 )  # fmt: skip
 
@@ -212,18 +212,24 @@ def test_bootstrap_checkpoint_reloads_with_identical_logits(bootstrapped):
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
 
 
-def test_bootstrap_is_deterministic_by_seed(bootstrapped, tmp_path):
+def test_bootstrap_is_deterministic_by_seed(tmp_path):
     from svpo_trl.toy.bootstrap import ToySFTConfig, bootstrap_sft_policy
 
-    again = bootstrap_sft_policy(str(tmp_path), config=ToySFTConfig(seed=3, **_TINY))
-    assert again.loss_history == bootstrapped.loss_history
+    short = {**_TINY, "max_steps": 4, "logging_steps": 1}
+    first = bootstrap_sft_policy(str(tmp_path / "a"), config=ToySFTConfig(seed=5, **short))
+    second = bootstrap_sft_policy(str(tmp_path / "b"), config=ToySFTConfig(seed=5, **short))
+    other = bootstrap_sft_policy(str(tmp_path / "c"), config=ToySFTConfig(seed=6, **short))
+    assert len(first.loss_history) == 4 and first.loss_history == second.loss_history
+    assert other.loss_history != first.loss_history
+    for (name, a), b in zip(first.model.named_parameters(), second.model.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_sft_rows_mask_question_and_outputs(toy_tokenizer):
-    from svpo_trl.toy.bootstrap import tokenize_toy_sft_dataset
+    from svpo_trl.toy.bootstrap import tokenize_sft_dataset
 
     problems = load_toy_problems("test", 2)
-    rows = tokenize_toy_sft_dataset(problems, toy_tokenizer)
+    rows = tokenize_sft_dataset(problems, toy_tokenizer)
     row, problem = rows[0], problems[0]
     expected = tokenize_solution(
         toy_tokenizer,

@@ -77,8 +77,9 @@ class ToySFTResult:
     """The trained model in memory (the same weights as the checkpoint)."""
 
 
-def tokenize_toy_sft_dataset(problems: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """Pre-tokenized SFT rows ``input_ids, completion_mask`` (1 on model-written tokens, EOS included)."""
+def tokenize_sft_dataset(problems: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Pre-tokenized SFT rows ``input_ids, completion_mask`` (1 on model-written tokens, EOS included)
+    from rows with ``question`` and a step-format ``solution`` (any dataset, not only the toy task)."""
 
     def encode(row: dict) -> dict:
         tokenized = tokenize_solution(
@@ -90,6 +91,9 @@ def tokenize_toy_sft_dataset(problems: Dataset, tokenizer: PreTrainedTokenizerBa
         return {"input_ids": tokenized.input_ids, "completion_mask": tokenized.completion_mask}
 
     return problems.map(encode, remove_columns=problems.column_names)
+
+
+tokenize_toy_sft_dataset = tokenize_sft_dataset
 
 
 def bootstrap_sft_policy(output_dir: str, *, config: ToySFTConfig | None = None) -> ToySFTResult:
@@ -111,7 +115,7 @@ def bootstrap_sft_policy(output_dir: str, *, config: ToySFTConfig | None = None)
     set_seed(cfg.seed)
     tokenizer = build_toy_tokenizer(cfg.vocab_size, cfg.tokenizer_texts)
     problems = load_toy_problems("train", cfg.num_train_problems, config=cfg.task)
-    train_dataset = tokenize_toy_sft_dataset(problems, tokenizer)
+    train_dataset = tokenize_sft_dataset(problems, tokenizer)
     model = tiny_llama(
         tokenizer,
         seed=cfg.seed,
