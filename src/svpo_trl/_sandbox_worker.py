@@ -338,18 +338,18 @@ def _child(request_fd: int, result_fd: int, workdir: str, config: dict) -> None:
     os.environ["HOME"] = os.environ["TMPDIR"] = workdir
     tempfile.tempdir = workdir
 
-    cpu_s = max(1, math.ceil(config["timeout_s"]))
+    cpu_s = _cpu_limit_s(config)
     memory = config["memory_mb"] * 1024 * 1024
     limits = [
-        (resource.RLIMIT_AS, memory),
-        (resource.RLIMIT_CPU, cpu_s),
-        (resource.RLIMIT_FSIZE, config["max_file_mb"] * 1024 * 1024),
-        (resource.RLIMIT_NOFILE, 64),
-        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_AS, (memory, memory)),
+        (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),  # SIGXCPU first, SIGKILL a second later
+        (resource.RLIMIT_FSIZE, (config["max_file_mb"] * 1024 * 1024,) * 2),
+        (resource.RLIMIT_NOFILE, (64, 64)),
+        (resource.RLIMIT_CORE, (0, 0)),
     ]
-    for limit, value in limits:
+    for limit, values in limits:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(limit, (value, value))
+            resource.setrlimit(limit, values)
 
     capture = _CappedOutput(config["max_output_chars"])
     discard = _CappedOutput(0)
@@ -416,19 +416,26 @@ def _child(request_fd: int, result_fd: int, workdir: str, config: dict) -> None:
 
 
 # --------------------------------------------------------------------------- worker side
-def _describe_status(status: int, config: dict) -> tuple[str, bool]:
+def _cpu_limit_s(config: dict) -> int:
+    # Above the wall-clock limit: a single thread never reaches it before the worker's kill, so it
+    # only catches snippets that burn several cores at once, or a worker that failed to kill.
+    return math.ceil(config["timeout_s"]) + 1
+
+
+def _describe_status(status: int, cpu_s: float, config: dict) -> tuple[str, bool]:
     """Error text (and whether it is a timeout) of a child that ended without reporting."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        if sig == signal.SIGXCPU:
-            return f"TimeoutError: CPU time limit of {math.ceil(config['timeout_s'])} s exceeded", True
+        limit = _cpu_limit_s(config)
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_s >= limit - 0.05):
+            return f"TimeoutError: CPU time limit of {limit} s exceeded", True
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         if sig == signal.SIGSEGV:
             return (
                 f"RecursionError: process crashed with {name} (C stack overflow, e.g. deep recursion)"
             ), False
         if sig == signal.SIGKILL:
-            return f"MemoryError: process killed by {name} (memory limit {config['memory_mb']} MB?)", False
+            return f"ProcessKilled: process killed by {name} (out of memory, or killed from outside)", False
         return f"ProcessKilled: process killed by signal {name}", False
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
     return f"SystemExit: process exited with status {code} before reporting", False
@@ -501,7 +508,8 @@ class _Child:
         for kill in (os.killpg, os.kill):
             with contextlib.suppress(OSError):
                 kill(self.pid, signal.SIGKILL)
-        _, status = os.waitpid(self.pid, 0)
+        _, status, usage = os.wait4(self.pid, 0)
+        self.cpu_s = usage.ru_utime + usage.ru_stime
         _reap_orphans()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return status
@@ -544,7 +552,7 @@ def execute(child: _Child, snippets: list[str], config: dict) -> dict:
             "error": result["error"],
             "timed_out": result.get("timed_out") is True,
         }
-    error, is_timeout = _describe_status(status, config)
+    error, is_timeout = _describe_status(status, child.cpu_s, config)
     return {"stdout": "", "error": error, "timed_out": is_timeout}
 
 
