@@ -444,3 +444,18 @@ def test_no_descriptor_or_directory_leaks(sandbox):
     assert open_fds() == before
     # Only the waiting children's fresh directories remain, at most one per worker (40 if leaking).
     assert len(os.listdir(sandbox._base_dir)) <= len(sandbox.worker_pids)
+
+
+def test_forked_copy_refuses_and_leaves_the_parents_workers_alone(sandbox):
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            sandbox.run(["print(1)"])
+        except RuntimeError as exc:
+            code = 3 if "another process" in str(exc) else 4
+        sandbox.close()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert_pool_healthy(sandbox)

@@ -47,7 +47,15 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC_PRCTL = _LIBC.prctl  # resolved here: the child refuses ctypes symbol lookups
+# Resolved here, because the child refuses ctypes symbol lookups. Linux only; elsewhere the child
+# is not killed with a dead worker and orphans are not reaped here (the other limits still hold).
+_LIBC_PRCTL = getattr(_LIBC, "prctl", None)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _LIBC_PRCTL is not None:
+        _LIBC_PRCTL(option, value, 0, 0, 0)
+
 
 # Events refused outright. Process creation is refused here because RLIMIT_NPROC is not enforced
 # for root (CI runs as root); sockets because there is no network; ctypes because it reaches libc
@@ -326,7 +334,7 @@ def _child(request_fd: int, result_fd: int, workdir: str, config: dict) -> None:
     # A new session, not only a new group: joining the worker's group (setpgid) is then impossible,
     # so a kill(0, ...) from the snippet reaches only its own group.
     os.setsid()
-    _LIBC_PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -567,7 +575,7 @@ def main() -> None:
         os.dup2(devnull, fd)
     sys.stdin = sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the host; it closes us.
-    _LIBC_PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     for name in config["preload"]:
         with contextlib.suppress(Exception):
             __import__(name)

@@ -238,12 +238,16 @@ class PythonSandbox:
         self._starting = 0
         self._capacity = self.num_workers
         self._closed = False
+        self._owner_pid = os.getpid()
         # atexit holds only a weak reference, so a dropped sandbox can still be collected.
         self._atexit = _make_closer(weakref.ref(self))
         atexit.register(self._atexit)
 
     # ------------------------------------------------------------------ pool
     def _acquire(self) -> _Worker:
+        if os.getpid() != self._owner_pid:
+            # A forked copy (DataLoader worker, multiprocessing) would share the parent's pipes.
+            raise RuntimeError("PythonSandbox was created in another process; create one in this process")
         with self._lock:
             while True:
                 if self._closed:
@@ -322,6 +326,9 @@ class PythonSandbox:
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Stop every worker (and its children) and remove the sandbox's temporary directories."""
+        if os.getpid() != self._owner_pid:
+            self._closed = True  # a forked copy: the workers belong to the parent, leave them be
+            return
         with self._lock:
             if self._closed:
                 return
