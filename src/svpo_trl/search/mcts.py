@@ -79,8 +79,8 @@ class MCTSConfig:
     )
     num_children: int = field(default=5, metadata={"help": "Children sampled per expansion (paper: 5)."})
     max_simulations: int = field(default=60, metadata={"help": "Simulations per tree, at most (paper: 60)."})
-    temperature_range: tuple[float, float] = field(
-        default=(0.6, 1.0), metadata={"help": "Sampling temperatures for expansion (paper: 0.6 to 1)."}
+    temperature_range: list[float] = field(
+        default_factory=lambda: [0.6, 1.0], metadata={"help": "Sampling temperatures for expansion (paper: 0.6 to 1)."}
     )
     temperature_levels: int = field(
         default=3,
@@ -139,6 +139,8 @@ class MCTSConfig:
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar over questions."})
 
     def __post_init__(self):
+        if len(self.temperature_range) != 2:
+            raise ValueError(f"temperature_range must be [low, high], got {self.temperature_range}")
         low, high = self.temperature_range
         if not 0 <= low <= high:
             raise ValueError(
@@ -364,7 +366,8 @@ class MCTSAnnotator:
                 raise ValueError(
                     f"problem {position}: 'question' must be a non-empty string, got {row['question']!r}"
                 )
-            answer = row["answer"]
+            # Every acceptable gold counts (MATH rows list several in `answers`, see svpo_trl.data)
+            answer = row.get("answers") or row["answer"]
             if not (
                 isinstance(answer, str)
                 or (isinstance(answer, list) and all(isinstance(a, str) for a in answer))
