@@ -66,6 +66,15 @@ class Strategy:
         return "greedy"
 
     @property
+    def slug(self) -> str:
+        """A file-name-safe name: ``greedy``, ``sbs1x5``, ``maj8``."""
+        if self.kind == "sbs":
+            return f"sbs{self.beam_width}x{self.num_samples}"
+        if self.kind == "maj":
+            return f"maj{self.k}"
+        return "greedy"
+
+    @property
     def needs_value(self) -> bool:
         return self.kind == "sbs"
 

@@ -418,13 +418,6 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             problems = problems.select(range(min(args.limit, len(problems))))
         label = os.path.basename(os.path.normpath(dataset_name))
         for strategy in strategies:
-            slug = (
-                strategy.label.replace(" ", "")
-                .replace("(", "_")
-                .replace(")", "")
-                .replace(",", "_")
-                .replace("=", "")
-            )
             result = evaluate(
                 backend,
                 problems,
@@ -432,7 +425,9 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
                 max_depth=args.max_depth,
                 max_new_tokens=args.max_new_tokens,
                 batch_size=args.batch_size,
-                output_jsonl=os.path.join(args.output_dir, f"{system}__{label}__{slug}.jsonl"),
+                output_jsonl=os.path.join(
+                    args.output_dir, f"{_slug(system)}__{label}__{strategy.slug}.jsonl"
+                ),
             )
             rows.append(summary_row(system, label, result))
             print(f"[evaluate] {system} {strategy.label} on {label}: {100 * result.metrics['accuracy']:.1f}%")
