@@ -79,3 +79,37 @@ def test_setting_must_be_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="expected a YAML mapping"):
         parse_stage_args("sft", [Script], ["--config", str(path)])
+
+
+@pytest.mark.parametrize("setting", ["toy.yaml", "deepseekmath_7b.yaml"])
+def test_shipped_settings_parse_for_every_stage(setting):
+    """Every key of every shipped setting is a real field of its stage (bf16 off: no GPU here)."""
+    from pathlib import Path
+
+    from trl import SFTConfig
+
+    from svpo_trl.pipeline import (
+        AnnotateScriptArguments,
+        EvaluateArguments,
+        SFTScriptArguments,
+        TrainScriptArguments,
+    )
+    from svpo_trl.search.mcts import MCTSConfig
+    from svpo_trl.trainer.svpo_config import SVPOConfig
+    from svpo_trl.trainer.value_sft_config import ValueSFTConfig
+
+    config = ["--config", str(Path(__file__).parents[1] / "recipes" / "configs" / setting)]
+    cpu = ["--bf16", "false"]
+    assert parse_stage_args("sft", [SFTScriptArguments, SFTConfig], [*config, *cpu])[1].output_dir
+    assert parse_stage_args("annotate", [AnnotateScriptArguments, MCTSConfig], config)[1].max_depth == 8
+    _, value_sft = parse_stage_args("value_sft", [TrainScriptArguments, ValueSFTConfig], [*config, *cpu])
+    _, svpo = parse_stage_args("svpo", [TrainScriptArguments, SVPOConfig], [*config, *cpu])
+    script, _ = parse_stage_args("dpo", [TrainScriptArguments, SVPOConfig], [*config, *cpu])
+    assert (script.recipe, script.dataset_config) == ("dpo", "solution_pairs")
+    assert svpo.beta == 0.1 and svpo.margin == 0.5
+    extra = ["--model_name_or_path", "m", "--output_dir", "o"]
+    (evaluate,) = parse_stage_args("evaluate", [EvaluateArguments], [*config, *extra])
+    assert evaluate.dataset_split == "test"
+    if setting == "deepseekmath_7b.yaml":  # the paper's Appendix A.1 values survive parsing
+        assert (value_sft.mse_weight, value_sft.learning_rate, value_sft.num_train_epochs) == (0.01, 2e-5, 10)
+        assert (svpo.sft_weight, svpo.regularization_weight, svpo.learning_rate) == (5.0, 0.001, 5e-6)
