@@ -1,1 +1,27 @@
-"""svpo_trl.search."""
+"""svpo_trl.search: generation backends, the step sampler, MCTS annotation (Eq. 3–6), Algorithm 1, SBS."""
+
+from .backends import Completion, GenerationBackend, HFBackend
+from .mcts import MCTSAnnotator, MCTSConfig
+from .pairs import extract_preference_pairs
+from .sampler import StepSampler
+from .sbs import SBSConfig, SBSGenerator, SBSResult, greedy
+from .solution_pairs import solution_level_pairs
+from .state import State
+from .testing import ScriptedBackend
+
+__all__ = [
+    "Completion",
+    "GenerationBackend",
+    "HFBackend",
+    "MCTSAnnotator",
+    "MCTSConfig",
+    "SBSConfig",
+    "SBSGenerator",
+    "SBSResult",
+    "ScriptedBackend",
+    "State",
+    "StepSampler",
+    "extract_preference_pairs",
+    "greedy",
+    "solution_level_pairs",
+]
