@@ -145,8 +145,15 @@ def test_malformed_steps_are_marked_not_raised(text, reason):
 
 
 def test_split_steps_drops_text_outside_steps():
-    text = "junk" + FIGURE5_STEPS[0] + "between" + FIGURE5_STEPS[1] + "<step>\n<p>\nunfinished"
+    text = "junk" + FIGURE5_STEPS[0] + "between" + FIGURE5_STEPS[1]
     assert F.split_steps(text) == FIGURE5_STEPS
+
+
+def test_split_steps_keeps_an_unclosed_last_step():
+    truncated = "<step>\n<p>\nRan out of tokens\n<code>\n```python\nprint(1 +\n"
+    steps = F.split_steps(FIGURE5_STEPS[0] + truncated)
+    assert steps == [FIGURE5_STEPS[0], truncated]
+    assert F.parse(steps[-1]).is_malformed
 
 
 def test_step_format_is_pluggable():

@@ -21,6 +21,7 @@ from svpo_trl.trainer.svpo_trainer import (
     VALUE_KEYS,
     DataCollatorForStepPreference,
     SVPOTrainer,
+    _tokenize_row,
     tokenize_step_pair,
 )
 
@@ -139,6 +140,22 @@ def test_partial_code_steps_get_no_eos_and_mask_the_output_block(tiny_tokenizer)
         assert model_written == step[: step.index("</code>") + len("</code>")]
         assert environment.startswith("\n<output>") and environment.endswith("</output>\n</step>\n")
         assert out[f"{side}_value_index"] == len(ids) - 1
+
+
+def test_rejected_ending_in_an_unclosed_step_is_a_valid_negative(tiny_tokenizer, tmp_path):
+    # A search node cut by the token limit has no </step>: it is still the last step of its path.
+    truncated = "<step>\n<p>\nMultiply\n</p>\n<code>\n```python\nprint(2 *\n"
+    row = {"prompt": PROMPT, "chosen": CODE_OK, "rejected": CODE_OK + truncated, "chosen_value": 0.5}
+    out = _tokenize_row(
+        {**row, "rejected_value": -1.0},
+        0,
+        tokenizer=tiny_tokenizer,
+        step_format=DEFAULT_FORMAT,
+        with_labels=True,
+    )
+    assert tiny_tokenizer.decode(out["rejected_ids"]) == CODE_OK + truncated
+    assert tiny_tokenizer.eos_token_id not in out["rejected_ids"]
+    assert out["rejected_value_index"] == len(out["rejected_ids"]) - 1
 
 
 def test_cousin_pair_shares_no_step_and_keeps_one_step_per_side(tiny_tokenizer):

@@ -213,8 +213,17 @@ class StepFormat:
         return Step(text=text, kind="answer", analysis=analysis, final_answer=final_answer, is_terminal=True)
 
     def split_steps(self, solution: str) -> list[str]:
-        """Split a solution (without its prompt) into step texts; text outside steps is dropped."""
-        return [m.group(0) + "\n" for m in re.finditer(r"<step>.*?</step>", solution, re.DOTALL)]
+        """Split a solution (without its prompt) into step texts; text outside steps is dropped.
+
+        A step that never closed (generation ran out of tokens: a malformed, terminal step of a search
+        path) runs to the next ``<step>`` or to the end of the text, so partial solutions that end in
+        one still split into their steps.
+        """
+        steps = []
+        for match in re.finditer(r"<step>.*?(?:</step>|(?=<step>)|\Z)", solution, re.DOTALL):
+            text = match.group(0)
+            steps.append(text + "\n" if text.endswith(self.step_close) else text)
+        return steps
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
