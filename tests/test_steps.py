@@ -154,6 +154,10 @@ def test_split_steps_keeps_an_unclosed_last_step():
     steps = F.split_steps(FIGURE5_STEPS[0] + truncated)
     assert steps == [FIGURE5_STEPS[0], truncated]
     assert F.parse(steps[-1]).is_malformed
+    # A generation that never opened a step (it stopped at once at "</code>") is a last, malformed step too.
+    steps = F.split_steps(FIGURE5_STEPS[0] + "</code>\n")
+    assert steps == [FIGURE5_STEPS[0], "</code>\n"]
+    assert F.parse(steps[-1]).is_malformed
 
 
 def test_step_format_is_pluggable():

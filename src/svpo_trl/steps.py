@@ -215,14 +215,18 @@ class StepFormat:
     def split_steps(self, solution: str) -> list[str]:
         """Split a solution (without its prompt) into step texts; text outside steps is dropped.
 
-        A step that never closed (generation ran out of tokens: a malformed, terminal step of a search
-        path) runs to the next ``<step>`` or to the end of the text, so partial solutions that end in
-        one still split into their steps.
+        A search path can end in a malformed step (terminal): one that never closed (generation ran out
+        of tokens) runs to the next ``<step>`` or to the end of the text, and non-blank text after the
+        last step (a generation that did not open a step at all) is the last step. So partial
+        solutions from search trees split back into the steps they were built from.
         """
-        steps = []
-        for match in re.finditer(r"<step>.*?(?:</step>|(?=<step>)|\Z)", solution, re.DOTALL):
+        steps, end = [], 0
+        for match in re.finditer(r"<step>.*?(?:</step>\n?|(?=<step>)|\Z)", solution, re.DOTALL):
             text = match.group(0)
             steps.append(text + "\n" if text.endswith(self.step_close) else text)
+            end = match.end()
+        if steps and solution[end:].strip():
+            steps.append(solution[end:])
         return steps
 
     # ------------------------------------------------------------------ helpers
