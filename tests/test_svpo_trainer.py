@@ -482,3 +482,19 @@ def test_lora_with_value_head_trains(tiny_tokenizer, tmp_path, pairs):
     assert (
         torch.isfinite(torch.tensor(log["loss"])) and log["rewards/chosen"] != 0.0
     )  # policy left the reference
+
+
+def test_every_term_reaches_tensorboard(tiny_tokenizer, tmp_path, pairs):
+    """Issue 7 §3: each loss term, value accuracy and implicit-reward accuracy go through report_to."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tiny_tokenizer, tmp_path, pairs, report_to="tensorboard")
+    trainer.train()
+    events = EventAccumulator(str(next(p for p in tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for term in ("dpo", "margin", "regularization", "sft", "mse"):
+        assert f"train/loss/{term}" in tags
+    assert {"train/values/accuracy", "train/rewards/accuracies"} <= tags
+    first = trainer.state.log_history[0]
+    assert events.Scalars("train/loss/margin")[0].value == pytest.approx(first["loss/margin"])
