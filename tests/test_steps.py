@@ -144,9 +144,12 @@ def test_malformed_steps_are_marked_not_raised(text, reason):
     assert reason in step.error
 
 
-def test_split_steps_drops_text_outside_steps():
-    text = "junk" + FIGURE5_STEPS[0] + "between" + FIGURE5_STEPS[1]
-    assert F.split_steps(text) == FIGURE5_STEPS
+def test_split_steps_cuts_after_each_step_end():
+    assert F.split_steps("\n" + FIGURE5_STEPS[0] + "\n\n" + FIGURE5_STEPS[1]) == FIGURE5_STEPS
+    # Text before a <step> belongs to that step (what the model generated); it parses as malformed.
+    steps = F.split_steps(FIGURE5_STEPS[0] + "<p>\n" + FIGURE5_STEPS[1])
+    assert steps == [FIGURE5_STEPS[0], "<p>\n" + FIGURE5_STEPS[1]]
+    assert F.parse(steps[1]).is_malformed
 
 
 def test_split_steps_keeps_an_unclosed_last_step():

@@ -210,10 +210,10 @@ def test_extra_columns_dropped_and_value_columns_survive(tiny_tokenizer, tmp_pat
         ("rejected", "   ", "Row 2, column 'rejected': empty completion"),
         ("chosen_value", 1.5, "Row 2, column 'chosen_value': value label 1.5 is outside [-1, 1]"),
         ("rejected_value", float("nan"), "Row 2, column 'rejected_value': value label nan is outside"),
-        ("rejected", "no steps here", "Row 2, column 'rejected': no <step>...</step> step found"),
+        ("rejected", "junk" + CODE_BAD + ANSWER_BAD2, "Row 2, column 'rejected': text outside <step>"),
         (
             "chosen",
-            CODE_OK + "trailing words",
+            "leading words" + CODE_OK + ANSWER_OK,
             "Row 2, column 'chosen': text outside <step>...</step> blocks",
         ),
     ],

@@ -38,7 +38,9 @@ class SFTScriptArguments:
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
-    toy_num_train_problems: int = field(default=2000, metadata={"help": "Toy: train problems (calibrated: 2000)."})
+    toy_num_train_problems: int = field(
+        default=2000, metadata={"help": "Toy: train problems (calibrated: 2000)."}
+    )
     toy_hidden_size: int = field(default=128, metadata={"help": "Toy: hidden size of the tiny Llama."})
     toy_num_layers: int = field(default=2, metadata={"help": "Toy: layers of the tiny Llama."})
 

@@ -213,20 +213,21 @@ class StepFormat:
         return Step(text=text, kind="answer", analysis=analysis, final_answer=final_answer, is_terminal=True)
 
     def split_steps(self, solution: str) -> list[str]:
-        """Split a solution (without its prompt) into step texts; text outside steps is dropped.
+        """Split a solution (without its prompt) into its steps: each runs up to and including a ``</step>``.
 
-        A search path can end in a malformed step (terminal): one that never closed (generation ran out
-        of tokens) runs to the next ``<step>`` or to the end of the text, and non-blank text after the
-        last step (a generation that did not open a step at all) is the last step. So partial
-        solutions from search trees split back into the steps they were built from.
+        Generation of a step stops at the first ``</step>`` (or at ``</code>``, after which the sampler
+        closes the step), so a step's text holds exactly one ``</step>``, at its end. A search path can
+        end in a malformed step (it never closed, or text came before its ``<step>``): that text is the
+        last step. So partial solutions from search trees split back into the steps they were built
+        from; blank text between steps is dropped.
         """
-        steps, end = [], 0
-        for match in re.finditer(r"<step>.*?(?:</step>\n?|(?=<step>)|\Z)", solution, re.DOTALL):
+        steps = []
+        for match in re.finditer(r".*?(?:</step>\n?|\Z)", solution, re.DOTALL):
             text = match.group(0)
-            steps.append(text + "\n" if text.endswith(self.step_close) else text)
-            end = match.end()
-        if steps and solution[end:].strip():
-            steps.append(solution[end:])
+            if text.lstrip().startswith(self.step_open):
+                text = text.lstrip()
+            if text.strip():
+                steps.append(text + "\n" if text.endswith(self.step_close) else text)
         return steps
 
     # ------------------------------------------------------------------ helpers

@@ -80,7 +80,8 @@ class MCTSConfig:
     num_children: int = field(default=5, metadata={"help": "Children sampled per expansion (paper: 5)."})
     max_simulations: int = field(default=60, metadata={"help": "Simulations per tree, at most (paper: 60)."})
     temperature_range: list[float] = field(
-        default_factory=lambda: [0.6, 1.0], metadata={"help": "Sampling temperatures for expansion (paper: 0.6 to 1)."}
+        default_factory=lambda: [0.6, 1.0],
+        metadata={"help": "Sampling temperatures for expansion (paper: 0.6 to 1)."},
     )
     temperature_levels: int = field(
         default=3,

@@ -143,16 +143,17 @@ def _split_checked(text: Any, row: int, column: str, step_format: StepFormat) ->
             f"Row {row}, column {column!r}: empty completion ({text!r}); expected one or more steps."
         )
     steps = step_format.split_steps(text)
-    if not steps:
-        raise ValueError(
-            f"Row {row}, column {column!r}: no {step_format.step_open}...{step_format.step_close} step found in "
-            f"{text[:80]!r}"
-        )
-    if _WHITESPACE.sub("", "".join(steps)) != _WHITESPACE.sub("", text):
-        raise ValueError(
-            f"Row {row}, column {column!r}: text outside {step_format.step_open}...{step_format.step_close} blocks "
-            f"in {text[:80]!r}...; chosen/rejected must be concatenated steps."
-        )
+    # Only the last step of a path may be malformed (a malformed step is terminal, and a search keeps
+    # it as a negative: even one that never opened a <step>); text around an earlier step means the
+    # column is not a concatenation of steps.
+    for step in steps[:-1]:
+        if not (
+            step.lstrip().startswith(step_format.step_open) and step.rstrip().endswith(step_format.step_close)
+        ):
+            raise ValueError(
+                f"Row {row}, column {column!r}: text outside {step_format.step_open}...{step_format.step_close} "
+                f"blocks in {step[:80]!r}...; chosen/rejected must be concatenated steps."
+            )
     return steps
 
 
