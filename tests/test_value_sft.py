@@ -115,7 +115,8 @@ def test_max_length_cuts_steps_and_labels(tiny_tokenizer, dataset):
             r"row 1 \(id='bad'\): column 'step_values'\[1\] = 1.5 is outside \[-1, 1\]",
         ),
         ({"steps": [], "step_values": []}, r"row 1 \(id='bad'\): column 'steps' is empty"),
-        ({"steps": [CODE_STEP, "  "]}, r"row 1 \(id='bad'\): column 'steps'\[1\] is empty"),
+        ({"steps": ["  ", CODE_STEP]}, r"row 1 \(id='bad'\): column 'steps'\[0\] is empty"),
+        ({"steps": [CODE_STEP, ""]}, r"row 1 \(id='bad'\): column 'steps'\[1\] is empty"),
     ],
 )
 def test_bad_rows_are_named(tiny_tokenizer, change, message):

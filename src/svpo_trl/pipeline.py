@@ -315,15 +315,25 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
     return summary
 
 
-def _train_log_summary(trainer) -> dict[str, Any]:
+def _train_and_save(trainer, tokenizer, stage: str, script_args, **results: Any) -> dict[str, Any]:
+    """Train, save model + tokenizer, mark the stage done (with the card), push when asked."""
+    args = trainer.args
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
     logs = [log for log in trainer.state.log_history if "loss" in log]
-    return {
+    results = {
         "train_steps": trainer.state.global_step,
         "final_log": logs[-1] if logs else None,
         "train_runtime": next(
             (log["train_runtime"] for log in trainer.state.log_history if "train_runtime" in log), None
         ),
+        **results,
     }
+    mark_stage_done(args.output_dir, stage, {"script": script_args, "training": args.to_dict()}, results)
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return results
 
 
 def _load_trainable(script_args: TrainScriptArguments):
@@ -348,19 +358,7 @@ def run_value_sft(script_args: TrainScriptArguments, training_args) -> dict[str,
     model, tokenizer = _load_trainable(script_args)
     values = _load_annotation(script_args.annotation_dir, "values")
     trainer = ValueSFTTrainer(model, args=training_args, train_dataset=values, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    results = _train_log_summary(trainer)
-    mark_stage_done(
-        training_args.output_dir,
-        "value_sft",
-        {"script": script_args, "training": training_args.to_dict()},
-        results,
-    )
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return results
+    return _train_and_save(trainer, tokenizer, "value_sft", script_args)
 
 
 def run_svpo(script_args: TrainScriptArguments, training_args) -> dict[str, Any]:
@@ -381,19 +379,7 @@ def run_svpo(script_args: TrainScriptArguments, training_args) -> dict[str, Any]
             "both a correct and an incorrect step (annotate more problems or more simulations)"
         )
     trainer = SVPOTrainer(model, args=training_args, train_dataset=pairs, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    results = {**_train_log_summary(trainer), "num_pairs": len(pairs)}
-    mark_stage_done(
-        training_args.output_dir,
-        "svpo",
-        {"script": script_args, "training": training_args.to_dict()},
-        results,
-    )
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return results
+    return _train_and_save(trainer, tokenizer, "svpo", script_args, num_pairs=len(pairs))
 
 
 def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:

@@ -32,7 +32,10 @@ def validate_values_row(row: dict[str, Any], index: int) -> None:
     if not steps:
         raise ValueError(f"{where}: column 'steps' is empty; a solution needs at least one step")
     for i, step in enumerate(steps):
-        if not isinstance(step, str) or not step.strip():
+        # A search path may end in a step the policy left blank (EOS at once: malformed, terminal, R = -1);
+        # it still carries its label. Blank text anywhere else means the row is broken.
+        blank_last = i == len(steps) - 1 and isinstance(step, str) and step != ""
+        if not isinstance(step, str) or (not step.strip() and not blank_last):
             raise ValueError(f"{where}: column 'steps'[{i}] is empty; every step must be non-empty text")
     if labels is None or len(steps) != len(labels):
         raise ValueError(
