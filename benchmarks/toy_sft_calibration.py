@@ -26,7 +26,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -169,18 +169,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     task = ToyTaskConfig(max_ops=args.max_ops, max_operand=args.max_operand)
+    base = ToySFTConfig(
+        max_steps=args.max_steps,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_train_problems=args.num_train,
+        learning_rate=args.learning_rate,
+        task=task,
+    )
     runs = []
     for seed in args.seeds:
-        config = ToySFTConfig(
-            seed=seed,
-            max_steps=args.max_steps,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            num_train_problems=args.num_train,
-            learning_rate=args.learning_rate,
-            task=task,
-            num_threads=args.threads,
-        )
+        config = replace(base, seed=seed, num_threads=args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             out_dir = os.path.join(args.keep_dir, f"seed{seed}") if args.keep_dir else tmp
             result = bootstrap_sft_policy(out_dir, config=config)
@@ -197,16 +196,7 @@ def main() -> None:
         runs.append(run)
     report = {
         "config": {
-            **asdict(
-                ToySFTConfig(
-                    max_steps=args.max_steps,
-                    hidden_size=args.hidden_size,
-                    num_layers=args.num_layers,
-                    num_train_problems=args.num_train,
-                    learning_rate=args.learning_rate,
-                    task=task,
-                )
-            ),
+            **asdict(base),
             "num_test": args.num_test,
             "num_samples": args.num_samples,
             "temperature": args.temperature,
