@@ -215,3 +215,18 @@ def test_toy_name_serves_the_real_toy_task():
     problems = load_problems("toy", "test")
     assert {"id", "question", "answer"} <= set(problems.column_names)
     assert len(problems) == 300 and len(set(problems["id"])) == 300
+
+
+def test_a_dataset_saved_without_rows_loads_back_empty(tmp_path):
+    from datasets import Dataset, Features, Value
+
+    from svpo_trl.data import load_saved_dataset
+
+    features = Features({"prompt": Value("string"), "chosen_value": Value("float64")})
+    Dataset.from_dict({"prompt": [], "chosen_value": []}, features=features).save_to_disk(tmp_path / "empty")
+    empty = load_saved_dataset(tmp_path / "empty")
+    assert len(empty) == 0 and empty.features == features
+    Dataset.from_dict({"prompt": ["a"], "chosen_value": [0.5]}, features=features).save_to_disk(
+        tmp_path / "one"
+    )
+    assert load_saved_dataset(tmp_path / "one").to_list() == [{"prompt": "a", "chosen_value": 0.5}]

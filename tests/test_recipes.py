@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 
 from svpo_trl.pipeline import stage_done
 from svpo_trl.steps import DEFAULT_FORMAT as F
@@ -239,3 +239,36 @@ def test_evaluate_runs_under_accelerate_launch(setting):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())[0]["num_problems"] == 2
+
+
+def launch_recipe(recipe: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(REPO / "accelerate_configs" / "multi_process_cpu.yaml"), "--num_processes", str(processes)]
+    cmd += [str(REPO / "recipes" / recipe), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+@pytest.mark.distributed
+def test_annotate_and_evaluate_recipes_shard_across_two_processes(setting):
+    root, config = setting
+    out = root / "annotation_2proc"
+    done = launch_recipe("annotate.py", "--config", config, "--limit", "4", "--output_dir", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    marker = json.loads((out / "svpo_stage.json").read_text())
+    assert marker["results"]["processes"] == 2 and marker["results"]["problems"] == 4
+    trees = load_from_disk(str(out / "trees"))
+    assert trees["id"] == [row["id"] for row in load_toy_problems("annotate", 4)]
+    assert (out / "solution_pairs" / "dataset_info.json").exists()
+
+    one, two = root / "eval_1proc", root / "eval_2proc"
+    args = ["--config", config, "--model_name_or_path", str(root / "sft"), "--limit", "4"]
+    for path, processes in ((one, 1), (two, 2)):
+        done = launch_recipe("evaluate.py", *args, "--output_dir", str(path), processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (two / "sft__toy__greedy.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == [row["id"] for row in load_toy_problems("test", 4)]
+    assert json.loads((two / "results.json").read_text())[0]["num_problems"] == 4
+    assert not list(two.glob("*.part-*"))
+    # Greedy decoding of the same questions: the same solutions whichever process ran them.
+    single = [json.loads(line) for line in (one / "sft__toy__greedy.jsonl").read_text().splitlines()]
+    assert [r["solution"] for r in lines] == [r["solution"] for r in single]

@@ -322,6 +322,26 @@ def _load_hub(name: str, split: str):
 
 
 # ----------------------------------------------------------------------------- entry point
+def load_saved_dataset(path: str | os.PathLike):
+    """``datasets.load_from_disk``, also for a dataset saved with no rows.
+
+    ``save_to_disk`` of an empty dataset writes no Arrow file, which ``load_from_disk`` cannot read
+    back (an annotation may have no pairs at all); such a dataset comes back empty, with its features.
+    """
+    from datasets import Dataset, Features, load_from_disk
+
+    path = os.fspath(path)
+    state = os.path.join(path, "state.json")
+    if os.path.exists(state):
+        with open(state) as handle:
+            empty = json.load(handle).get("_data_files") == []
+        if empty:
+            with open(os.path.join(path, "dataset_info.json")) as handle:
+                features = Features.from_dict(json.load(handle)["features"])
+            return Dataset.from_dict({name: [] for name in features}, features=features)
+    return load_from_disk(path)
+
+
 def load_problems(name_or_path: str, split: str | None = None):
     """Problems of a benchmark (Hub name), a local file or directory, or the toy task.
 

@@ -8,6 +8,8 @@ and votes over final answers grouped by equivalence.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .distributed import ProcessShard
 from .grading import is_equiv
 from .search.backends import GenerationBackend
 from .search.sampler import StepSampler
@@ -140,6 +143,8 @@ def evaluate(
     grader: Grader = is_equiv,
     output_jsonl: str | os.PathLike | None = None,
     progress: bool = True,
+    shard: ProcessShard | None = None,
+    resume: bool = True,
 ) -> EvalResult:
     """Solve every problem with ``strategy`` and grade the answers against the gold.
 
@@ -148,30 +153,98 @@ def evaluate(
     Questions are solved ``batch_size`` at a time, each batch in lock-step (one backend call per
     round). Every record holds the solution, answer, correctness, value, tokens generated and
     seconds spent (the batch's wall time shared evenly by its questions). With ``output_jsonl``
-    the records are written there, one JSON object per line.
+    the records are written there, one JSON object per line, in the order of ``problems``.
+
+    Nothing is lost on a crash: with ``output_jsonl``, each finished batch is appended to
+    ``<output_jsonl>.part-<rank>`` and, with ``resume``, a new run skips the problems recorded in
+    any part file of the same strategy (the part files are removed once the JSONL is written).
+    With ``shard`` (:meth:`svpo_trl.distributed.ProcessShard.from_environment` under
+    ``accelerate launch``), each process solves its share of the problems (by id) and the records
+    are gathered so that every process returns the whole result; rank 0 writes the JSONL.
     """
     strategy = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
+    shard = shard if shard is not None else ProcessShard()
     config = strategy.sbs_config(max_depth, max_new_tokens)
     sampler = StepSampler(backend, sandbox=sandbox, step_format=step_format, max_new_tokens=max_new_tokens)
     generator = SBSGenerator(backend, config, sampler=sampler)
     repeats = strategy.k if strategy.kind == "maj" else 1
     rows = [dict(problems[i]) for i in range(len(problems))]
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(rows), desc=f"eval {strategy.label}", disable=not progress, unit="q")
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        questions = [row["question"] for row in batch for _ in range(repeats)]
+    ids = [str(row["id"]) for row in rows]
+    done = _recorded(output_jsonl, strategy.label) if resume and output_jsonl is not None else {}
+    if done and len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(
+            f"{output_jsonl}: cannot resume from its part files, problem ids repeat ({repeated}); "
+            "give every problem a unique id or delete the part files"
+        )
+    mine = shard.positions(ids)
+    # Records by position: ids need not be unique unless a run resumes.
+    records = {p: done[ids[p]] for p in mine if ids[p] in done}
+    todo = [p for p in mine if p not in records]
+    part = f"{os.fspath(output_jsonl)}.part-{shard.rank:05d}" if output_jsonl is not None else None
+    desc = f"eval {strategy.label}" + (f" ({shard.label})" if shard.is_distributed else "")
+    bar = tqdm(
+        total=len(mine), initial=len(records), desc=desc, disable=not progress or not shard.is_main, unit="q"
+    )
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        questions = [rows[p]["question"] for p in batch for _ in range(repeats)]
         began = time.perf_counter()
         results = generator.generate(questions)
         seconds = (time.perf_counter() - began) / len(batch)
-        for i, row in enumerate(batch):
-            records.append(_record(row, results[i * repeats : (i + 1) * repeats], seconds, strategy, grader))
+        new = {
+            p: _record(rows[p], results[i * repeats : (i + 1) * repeats], seconds, strategy, grader)
+            for i, p in enumerate(batch)
+        }
+        if part is not None:
+            _append_jsonl(list(new.values()), part)
+        records.update(new)
         bar.update(len(batch))
     bar.close()
-    result = EvalResult(strategy=strategy.label, metrics=_metrics(records), records=records)
+    merged: dict[int, dict[str, Any]] = {}
+    for share in shard.gather(records):
+        merged.update(share)
+    ordered = [merged[p] for p in range(len(rows))]
+    result = EvalResult(strategy=strategy.label, metrics=_metrics(ordered), records=ordered)
     if output_jsonl is not None:
-        write_jsonl(records, output_jsonl)
+        if shard.is_main:
+            write_jsonl(ordered, output_jsonl)
+        # The JSONL is complete before any process drops the part files it was built from.
+        shard.barrier()
+        for path in _part_files(output_jsonl):
+            if shard.is_main or path == part:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
     return result
+
+
+def _part_files(output_jsonl: str | os.PathLike) -> list[str]:
+    return sorted(glob.glob(glob.escape(os.fspath(output_jsonl)) + ".part-*"))
+
+
+def _recorded(output_jsonl: str | os.PathLike, strategy: str) -> dict[str, dict[str, Any]]:
+    """Records of ``strategy`` already in the part files of an interrupted run, by problem id."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in _part_files(output_jsonl):
+        with open(path) as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the crash: that problem runs again
+                if record.get("strategy") == strategy:
+                    found[str(record["id"])] = record
+    return found
+
+
+def _append_jsonl(records: list[dict[str, Any]], path: str) -> None:
+    """Append records and make them durable before the next batch starts."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _record(
@@ -184,7 +257,7 @@ def _record(
     else:
         chosen, answer, votes = results[0], results[0].final_answer, 1
     return {
-        "id": row["id"],
+        "id": str(row["id"]),
         "question": row["question"],
         "gold": row["answer"],
         "strategy": strategy.label,

@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
+from .distributed import ProcessShard
+
 STAGE_MARKER = "svpo_stage.json"
 
 
@@ -60,6 +62,12 @@ class AnnotateScriptArguments:
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
     hub_dataset_id: str | None = field(
         default=None, metadata={"help": "Push trees/pairs/values (and solution pairs) to this Hub dataset."}
+    )
+    distributed_timeout_hours: float = field(
+        default=72.0,
+        metadata={
+            "help": "Under accelerate launch: how long a process waits for the others to finish their share."
+        },
     )
     solution_pairs_per_question: int = field(
         default=4,
@@ -125,6 +133,16 @@ class EvaluateArguments:
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Skip problems already recorded in the .part-* files of an interrupted run."},
+    )
+    distributed_timeout_hours: float = field(
+        default=72.0,
+        metadata={
+            "help": "Under accelerate launch: how long a process waits for the others to finish their share."
+        },
+    )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -169,9 +187,12 @@ def mark_stage_done(output_dir: str, stage: str, configs: dict[str, Any], result
     ]
     card_path = os.path.join(output_dir, "README.md")
     if not os.path.exists(card_path) or stage in ("annotate", "evaluate"):
-        with open(card_path, "w") as handle:
+        tmp_card = f"{card_path}.{os.getpid()}.tmp"
+        with open(tmp_card, "w") as handle:
             handle.write("\n".join(card))
-    tmp = os.path.join(output_dir, STAGE_MARKER + ".tmp")
+        os.replace(tmp_card, card_path)
+    # A temporary name per process: every rank of a distributed training stage marks it done.
+    tmp = os.path.join(output_dir, f"{STAGE_MARKER}.{os.getpid()}.tmp")
     with open(tmp, "w") as handle:
         json.dump(record, handle, indent=2)
     os.replace(tmp, os.path.join(output_dir, STAGE_MARKER))
@@ -188,12 +209,18 @@ def _dtype(name: str):
 
 
 def load_policy(
-    model_name_or_path: str, dtype: str = "auto", *, value_head: bool | None = None, **kwargs: Any
+    model_name_or_path: str,
+    dtype: str = "auto",
+    *,
+    value_head: bool | None = None,
+    device: str | None = None,
+    **kwargs: Any,
 ):
-    """Load a model and its tokenizer for search/evaluation, in eval mode on the best device.
+    """Load a model and its tokenizer for search/evaluation, in eval mode on ``device``.
 
     ``value_head=None`` loads a value head when the checkpoint has one (SBS needs it), a plain
-    causal LM otherwise.
+    causal LM otherwise. ``device=None`` is the first GPU when there is one, else the CPU (under
+    ``accelerate launch`` pass :attr:`ProcessShard.device`, the process's own GPU).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -205,8 +232,10 @@ def load_policy(
         value_head = bool(getattr(AutoConfig.from_pretrained(model_name_or_path), "has_value_head", False))
     loader = ValueHeadForCausalLM if value_head else AutoModelForCausalLM
     model = loader.from_pretrained(model_name_or_path, dtype=_dtype(dtype), **kwargs)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
+    if device is not None:
+        model = model.to(device)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -215,11 +244,13 @@ def load_policy(
 
 
 def _load_annotation(annotation_dir: str, name: str):
-    from datasets import load_dataset, load_from_disk
+    from datasets import load_dataset
+
+    from .data import load_saved_dataset
 
     path = os.path.join(annotation_dir, name)
     if os.path.isdir(path):
-        return load_from_disk(path)
+        return load_saved_dataset(path)
     if os.path.isdir(annotation_dir):
         raise FileNotFoundError(
             f"{annotation_dir} has no '{name}' dataset: run the annotation stage first "
@@ -292,27 +323,38 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
     output_dir = mcts_config.output_dir
     if not output_dir:
         raise ValueError("annotate: set output_dir (where trees/, pairs/, values/ are written)")
+    shard = ProcessShard.from_environment(script_args.distributed_timeout_hours)
     model, tokenizer = load_policy(
-        script_args.model_name_or_path, script_args.dtype, value_head=mcts_config.value_leaf_evaluation
+        script_args.model_name_or_path,
+        script_args.dtype,
+        value_head=mcts_config.value_leaf_evaluation,
+        device=shard.device,
     )
     problems = load_problems(script_args.dataset_name, script_args.dataset_split)
     if script_args.limit is not None:
         problems = problems.select(range(min(script_args.limit, len(problems))))
-    backend = HFBackend(model, tokenizer, batch_size=script_args.generation_batch_size, seed=mcts_config.seed)
-    data = MCTSAnnotator(backend, mcts_config).annotate(problems, output_dir)
-    data = DatasetDict(dict(data))
-    data["solution_pairs"] = solution_level_pairs(
-        data["values"], per_question=script_args.solution_pairs_per_question, seed=mcts_config.seed
-    )
-    data["solution_pairs"].save_to_disk(os.path.join(output_dir, "solution_pairs"))
-    with open(os.path.join(output_dir, "summary.json")) as handle:
-        summary = json.load(handle)
-    summary["solution_pairs"] = len(data["solution_pairs"])
-    mark_stage_done(output_dir, "annotate", {"script": script_args, "mcts": mcts_config}, summary)
-    if script_args.hub_dataset_id:
-        for name, dataset in data.items():
-            dataset.push_to_hub(script_args.hub_dataset_id, config_name=name)
-    return summary
+    # Each process its own sampling stream (the same seed would replay the same noise on every shard).
+    seed = mcts_config.seed + shard.rank
+    backend = HFBackend(model, tokenizer, batch_size=script_args.generation_batch_size, seed=seed)
+    data = MCTSAnnotator(backend, mcts_config).annotate(problems, output_dir, shard=shard)
+    summary_path = os.path.join(output_dir, "summary.json")
+    if shard.is_main:
+        data = DatasetDict(dict(data))
+        data["solution_pairs"] = solution_level_pairs(
+            data["values"], per_question=script_args.solution_pairs_per_question, seed=mcts_config.seed
+        )
+        data["solution_pairs"].save_to_disk(os.path.join(output_dir, "solution_pairs"))
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+        summary["solution_pairs"] = len(data["solution_pairs"])
+        mark_stage_done(output_dir, "annotate", {"script": script_args, "mcts": mcts_config}, summary)
+        if script_args.hub_dataset_id:
+            for name, dataset in data.items():
+                dataset.push_to_hub(script_args.hub_dataset_id, config_name=name)
+    # No process moves on (e.g. to training on solution_pairs) before rank 0 has written everything.
+    shard.barrier()
+    with open(os.path.join(output_dir, STAGE_MARKER)) as handle:
+        return json.load(handle)["results"]
 
 
 def _train_and_save(trainer, tokenizer, stage: str, script_args, **results: Any) -> dict[str, Any]:
@@ -394,10 +436,11 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             Strategy(**{**asdict(s), "temperature": args.sbs_temperature}) if s.kind == "sbs" else s
             for s in strategies
         ]
-    model, tokenizer = load_policy(args.model_name_or_path, args.dtype, value_head=None)
+    shard = ProcessShard.from_environment(args.distributed_timeout_hours)
+    model, tokenizer = load_policy(args.model_name_or_path, args.dtype, value_head=None, device=shard.device)
     if any(s.needs_value for s in strategies) and not hasattr(model, "v_head"):
         raise ValueError(f"{args.model_name_or_path} has no value head: SBS needs one (use greedy or maj@k)")
-    backend = HFBackend(model, tokenizer, batch_size=args.generation_batch_size, seed=args.seed)
+    backend = HFBackend(model, tokenizer, batch_size=args.generation_batch_size, seed=args.seed + shard.rank)
     system = args.system_name or os.path.basename(os.path.normpath(args.model_name_or_path))
     rows = []
     for dataset_name in args.datasets:
@@ -416,14 +459,20 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
                 output_jsonl=os.path.join(
                     args.output_dir, f"{_slug(system)}__{label}__{strategy.slug}.jsonl"
                 ),
+                shard=shard,
+                resume=args.resume,
             )
             rows.append(summary_row(system, label, result))
-            print(f"[evaluate] {system} {strategy.label} on {label}: {100 * result.metrics['accuracy']:.1f}%")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-        json.dump(rows, handle, indent=2)
-    with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
-        handle.write(results_table(rows) + "\n")
+            if shard.is_main:
+                accuracy = 100 * result.metrics["accuracy"]
+                print(f"[evaluate] {system} {strategy.label} on {label}: {accuracy:.1f}%")
+    if shard.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
+            json.dump(rows, handle, indent=2)
+        with open(os.path.join(args.output_dir, "results.md"), "w") as handle:
+            handle.write(results_table(rows) + "\n")
+    shard.barrier()
     return rows
 
 
@@ -496,12 +545,15 @@ def run_pipeline(
             overrides += ["--output_dir", eval_dir, "--strategies", *system.get("strategies", ["greedy"])]
             (eval_args,) = parse_stage_args("evaluate", [EvaluateArguments], [*config, *overrides])
             rows += run_evaluate(eval_args)
-        os.makedirs(out, exist_ok=True)
         table = results_table(rows)
-        with open(os.path.join(out, "results.json"), "w") as handle:
-            json.dump(rows, handle, indent=2)
-        with open(os.path.join(out, "results.md"), "w") as handle:
-            handle.write(table + "\n")
-        print(f"\n[pipeline] finished in {time.perf_counter() - began:.0f}s. Results ({out}/results.md):\n")
-        print(table)
+        if ProcessShard.from_environment().is_main:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "results.json"), "w") as handle:
+                json.dump(rows, handle, indent=2)
+            with open(os.path.join(out, "results.md"), "w") as handle:
+                handle.write(table + "\n")
+            print(
+                f"\n[pipeline] finished in {time.perf_counter() - began:.0f}s. Results ({out}/results.md):\n"
+            )
+            print(table)
     return rows

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..distributed import ProcessShard
 from ..steps import DEFAULT_FORMAT, StepFormat
 from .pairs import PAIR_TYPES, question_preference_pairs, value_rows
 from .sampler import StepSampler
@@ -282,7 +283,8 @@ def _to_dataset(rows: list[dict[str, Any]], features):
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` so that ``path`` holds either nothing or all of it, whenever the process dies."""
-    tmp = path.with_name(path.name + ".tmp")
+    # One temporary name per process: several ranks may write the same file (annotation_config.json).
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -334,23 +336,53 @@ class MCTSAnnotator:
         self.summary: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ public API
-    def annotate(self, problems: Iterable[dict[str, Any]], output_dir: str | os.PathLike | None = None):
+    def annotate(
+        self,
+        problems: Iterable[dict[str, Any]],
+        output_dir: str | os.PathLike | None = None,
+        *,
+        shard: ProcessShard | None = None,
+    ):
         """Search every problem, write the shards, and build ``DatasetDict(trees, pairs, values)``.
 
         ``problems`` rows need ``question`` and ``answer`` (a string or a list of acceptable
         strings) and may carry ``id`` (default: the row's position). The datasets are saved under
         ``output_dir`` (or ``config.output_dir``) as ``trees/``, ``pairs/``, ``values/`` plus
         ``summary.json``. Run it again with the same arguments after a crash to resume.
+
+        With ``shard`` (:meth:`svpo_trl.distributed.ProcessShard.from_environment` under
+        ``accelerate launch``), every process searches its share of the problems (by id) into the
+        same ``output_dir``; rank 0 then merges all trees into the datasets, which every process
+        returns. Resume works per problem, so per shard, whatever the number of processes.
         """
         config = self.config
+        shard = shard if shard is not None else ProcessShard()
         output = Path(output_dir if output_dir is not None else (config.output_dir or ""))
         if not str(output):
             raise ValueError("MCTSAnnotator.annotate needs an output_dir (argument or MCTSConfig.output_dir)")
         problem_list = self._problems(problems)
         output.mkdir(parents=True, exist_ok=True)
         self._check_run_config(output)
-        self._run_search(problem_list, output)
-        return self._build_datasets(problem_list, output)
+        mine = [problem_list[i] for i in shard.positions([p.id for p in problem_list])]
+        self._run_search(mine, output, shard=shard)
+        if not shard.is_distributed:
+            return self._build_datasets(problem_list, output)
+        self._session = _merge_sessions(shard.gather(self._session))
+        error = None
+        if shard.is_main:
+            try:
+                data = self._build_datasets(problem_list, output)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                shard.broadcast(error)
+                raise
+        if shard.broadcast(error) is not None:
+            raise RuntimeError(f"{shard.label}: rank 0 could not merge the shards: {error}")
+        if not shard.is_main:
+            data = self._load_datasets(output)
+            with open(output / "summary.json") as f:
+                self.summary = json.load(f)
+        return data
 
     # ------------------------------------------------------------------ inputs and resume
     @staticmethod
@@ -494,7 +526,7 @@ class MCTSAnnotator:
         tree.backup(leaf, leaf_value)  # ... and for the expanded leaf (V = 0 or the value head)
         run.simulations += 1
 
-    def _run_search(self, problems: list[_Problem], output: Path) -> None:
+    def _run_search(self, problems: list[_Problem], output: Path, shard: ProcessShard) -> None:
         config = self.config
         self._running: Counter = Counter()
         self.timings = {"generation": 0.0, "value": 0.0, "total": 0.0}
@@ -502,12 +534,14 @@ class MCTSAnnotator:
         executions_before = getattr(self.sampler, "executions", 0)
         calls_before = getattr(self.sampler, "backend_calls", 0)
         start = time.perf_counter()
-        writer = self._tensorboard(output)
+        # One progress bar and one TensorBoard writer (rank 0's share stands for the whole run).
+        writer = self._tensorboard(output) if shard.is_main else None
         bar = None
-        if config.progress:
+        if config.progress and shard.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(problems), desc="MCTS annotation", unit="question")
+            desc = "MCTS annotation" + (f" ({shard.label})" if shard.is_distributed else "")
+            bar = tqdm(total=len(problems), desc=desc, unit="question")
         pending = deque(problems)
         active: list[_QuestionRun] = []
         finished = 0
@@ -585,6 +619,7 @@ class MCTSAnnotator:
             "backend_calls": getattr(self.sampler, "backend_calls", 0) - calls_before,
             "trees_resumed": self._running["trees_resumed"],
             "grading_errors": self._running["grading_errors"],
+            "processes": shard.world_size,
         }
         if writer is not None:
             writer.close()
@@ -609,8 +644,12 @@ class MCTSAnnotator:
         solved = 0
         positives: set[tuple] = set()
         negatives: set[tuple] = set()
+        missing = []
         for problem in problems:
             rows = self._load_trees(output, problem)
+            if not _QuestionRun(problem, "", rows).done(config):
+                missing.append(problem.id)
+                continue
             trees = [Tree.from_nodes(self.step_format.prompt(problem.question), row["nodes"]) for row in rows]
             tree_rows.extend(rows)
             solved += int(any(t.num_correct_terminals() > 0 for t in trees))
@@ -629,6 +668,13 @@ class MCTSAnnotator:
                 (problem.position, p["rejected_tree_index"], p["rejected_node_id"]) for p in question_pairs
             )
             value_rows_.extend(value_rows(trees, question_id=problem.id))
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise RuntimeError(
+                f"{len(missing)} of {len(problems)} problems have unfinished trees under {output / 'shards'} "
+                f"({shown}): every process must write to the same output_dir (multi-node annotation needs "
+                "a filesystem shared by the nodes); run the annotation again to finish them"
+            )
         features = dataset_features()
         data = DatasetDict(
             {
@@ -646,6 +692,15 @@ class MCTSAnnotator:
         if config.push_to_hub:
             data.push_to_hub(config.push_to_hub)
         return data
+
+    @staticmethod
+    def _load_datasets(output: Path):
+        """The datasets another process built in ``output`` (see :meth:`_build_datasets`)."""
+        from datasets import DatasetDict
+
+        from ..data import load_saved_dataset
+
+        return DatasetDict({name: load_saved_dataset(output / name) for name in ("trees", "pairs", "values")})
 
     def _summary(self, problems, tree_rows, pair_rows, solved, positives, negatives) -> dict[str, Any]:
         """Totals of the run; positives/negatives count distinct chosen/rejected nodes."""
@@ -675,8 +730,17 @@ class MCTSAnnotator:
             "generation_seconds": session.get("generation_seconds", 0.0),
             "trees_resumed": session.get("trees_resumed", 0),
             "grading_errors": session.get("grading_errors", 0),
+            "processes": session.get("processes", 1),
             "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k in _RESULT_FIELDS},
         }
+
+
+def _merge_sessions(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """One session from every process's: wall time is the slowest process's, counts add up."""
+    merged = {key: sum(s[key] for s in sessions) for key in sessions[0]}
+    merged["seconds"] = max(s["seconds"] for s in sessions)
+    merged["processes"] = len(sessions)
+    return merged
 
 
 def format_summary(summary: dict[str, Any]) -> str:
