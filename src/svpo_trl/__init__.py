@@ -19,6 +19,8 @@ _LAZY = {
     "is_equiv": "grading",
     "extract_gold": "grading",
     "load_problems": "data",
+    "load_saved_dataset": "data",
+    "ProcessShard": "distributed",
     "tokenize_solution": "tokenization",
     "ValueHeadForCausalLM": "models.value_head",
     "ValueSFTConfig": "trainer.value_sft_config",
