@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -282,29 +283,46 @@ def test_head_less_copy_of_a_sharded_checkpoint(tmp_path, tiny_tokenizer):
     }
 
 
-def test_pipeline_helpers(tmp_path, tiny_tokenizer):
-    from dataclasses import dataclass
-
+def test_pipeline_helpers(tmp_path, tiny_tokenizer, monkeypatch):
+    from svpo_trl.pipeline import AnnotateScriptArguments, EvaluateArguments
     from svpo_trl.search.backends import HFBackend
+    from svpo_trl.search.vllm_backend import _pin_cuda_device
 
-    @dataclass
-    class Args:
-        backend: str = "vllm"
-        vllm_gpu_memory_utilization: float | None = 0.5
-        vllm_tensor_parallel_size: int = 2
-        vllm_max_model_len: int | None = None
-        vllm_value_scorer: str = "vllm"
-
-    assert vllm_options_from(Args()) == {
+    args = EvaluateArguments(
+        model_name_or_path="m",
+        output_dir="o",
+        backend="vllm",
+        vllm_gpu_memory_utilization=0.5,
+        vllm_tensor_parallel_size=2,
+        vllm_value_scorer="vllm",
+        vllm_engine_kwargs='{"block_size": 32}',
+    )
+    assert vllm_options_from(args) == {
         "gpu_memory_utilization": 0.5,
         "tensor_parallel_size": 2,
+        "enforce_eager": False,
         "value_scorer": "vllm",
+        "value_gpu_memory_utilization": 0.2,
+        "engine_kwargs": {"block_size": 32},
     }
+    assert AnnotateScriptArguments(model_name_or_path="m").backend == "hf"
     with pytest.raises(ValueError, match="'hf' or 'vllm'"):
         make_backend("sglang", "x")
-    _, head = _save_checkpoints(tmp_path, tiny_tokenizer)
-    hf = make_backend("hf", str(head), batch_size=8, seed=3)
+    plain, head = _save_checkpoints(tmp_path, tiny_tokenizer)
+    hf = make_backend("hf", str(head), batch_size=8, seed=3, require_value_head=True)
     assert isinstance(hf, HFBackend) and hf.batch_size == 8 and hf.seed == 3 and hasattr(hf.model, "v_head")
+    for kind in ("hf", "vllm"):  # checked before any engine starts
+        with pytest.raises(ValueError, match="no value head"):
+            make_backend(kind, str(plain), require_value_head=True)
+    # One engine per process: rank k's engine sees only its GPU.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    _pin_cuda_device("cuda:1")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    _pin_cuda_device("cuda:2")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    _pin_cuda_device("cpu")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed: the import guard is not reached")

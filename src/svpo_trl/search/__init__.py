@@ -8,6 +8,7 @@ from .sbs import SBSConfig, SBSGenerator, SBSResult, greedy
 from .solution_pairs import solution_level_pairs
 from .state import State
 from .testing import ScriptedBackend
+from .vllm_backend import VLLMBackend, make_backend
 
 __all__ = [
     "Completion",
@@ -21,7 +22,9 @@ __all__ = [
     "ScriptedBackend",
     "State",
     "StepSampler",
+    "VLLMBackend",
     "extract_preference_pairs",
     "greedy",
+    "make_backend",
     "solution_level_pairs",
 ]

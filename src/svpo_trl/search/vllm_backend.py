@@ -490,7 +490,10 @@ def _torch_dtype(name: str) -> Any:
 
 # ---------------------------------------------------------------------------- pipeline wiring
 def vllm_options_from(args: Any) -> dict[str, Any]:
-    """``VLLMBackend`` keyword arguments from a pipeline dataclass's ``vllm_*`` fields (unset ones skipped)."""
+    """``VLLMBackend`` keyword arguments from a pipeline dataclass's ``vllm_*`` fields (unset ones skipped).
+
+    ``vllm_engine_kwargs`` is a JSON object of further engine arguments (e.g. ``{"block_size": 32}``).
+    """
     names = {
         "vllm_gpu_memory_utilization": "gpu_memory_utilization",
         "vllm_tensor_parallel_size": "tensor_parallel_size",
@@ -499,11 +502,30 @@ def vllm_options_from(args: Any) -> dict[str, Any]:
         "vllm_value_scorer": "value_scorer",
         "vllm_value_gpu_memory_utilization": "value_gpu_memory_utilization",
     }
-    return {
+    options = {
         option: getattr(args, field)
         for field, option in names.items()
         if getattr(args, field, None) is not None
     }
+    extra = getattr(args, "vllm_engine_kwargs", None)
+    if extra:
+        options["engine_kwargs"] = json.loads(extra) if isinstance(extra, str) else dict(extra)
+    return options
+
+
+def _pin_cuda_device(device: str | None) -> None:
+    """Give this process's vLLM engine the GPU ``device`` names (``cuda:<local_rank>`` under accelerate).
+
+    vLLM starts its engine in a subprocess that uses the first visible GPU: narrowing
+    ``CUDA_VISIBLE_DEVICES`` to this rank's GPU before the engine starts keeps N processes from all
+    landing on GPU 0.
+    """
+    if not device or not device.startswith("cuda:"):
+        return
+    index = int(device.split(":", 1)[1])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if ids is not None else str(index)
 
 
 def make_backend(
@@ -516,19 +538,30 @@ def make_backend(
     batch_size: int = 64,
     seed: int | None = None,
     vllm_options: Mapping[str, Any] | None = None,
+    require_value_head: bool = False,
 ) -> GenerationBackend:
     """The search backend of a pipeline stage: ``"hf"`` (`HFBackend`) or ``"vllm"`` (`VLLMBackend`).
 
     ``value_head``, ``device`` and ``batch_size`` are `HFBackend`'s (see
-    :func:`svpo_trl.pipeline.load_policy`); vLLM places its engine itself and scores values only when
-    asked (``vllm_options`` are `VLLMBackend` keyword arguments).
+    :func:`svpo_trl.pipeline.load_policy`); for vLLM, ``device="cuda:<k>"`` pins the engine to that GPU
+    (one engine per process, tensor parallelism within a process is ``tensor_parallel_size``), and
+    values are scored only when asked (``vllm_options`` are `VLLMBackend` keyword arguments).
+    ``require_value_head`` fails early, before any engine starts, on a checkpoint without a head.
     """
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
     if backend == "hf":
         from ..pipeline import load_policy
 
         model, tokenizer = load_policy(model_name_or_path, dtype, value_head=value_head, device=device)
+        has_head = hasattr(model, "v_head")
+    else:
+        has_head = bool(_head_shards(_local_checkpoint(model_name_or_path)))
+    if require_value_head and not has_head:
+        raise ValueError(f"{model_name_or_path} has no value head: SBS needs one (use greedy or maj@k)")
+    if backend == "hf":
         return HFBackend(model, tokenizer, batch_size=batch_size, seed=seed)
-    if backend == "vllm":
-        options = {"dtype": dtype, "seed": seed or 0, **dict(vllm_options or {})}
-        return VLLMBackend(model_name_or_path, **options)
-    raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    options = {"dtype": dtype, "seed": seed or 0, **dict(vllm_options or {})}
+    if options.get("tensor_parallel_size", 1) == 1:
+        _pin_cuda_device(device)
+    return VLLMBackend(model_name_or_path, **options)
