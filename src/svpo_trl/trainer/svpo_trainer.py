@@ -37,7 +37,6 @@ the fused LM head, logging, saving — is TRL's):
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import warnings
@@ -57,6 +56,7 @@ from ..steps import DEFAULT_FORMAT, StepFormat
 from ..tokenization import tokenize_solution
 from .losses import svpo_loss_terms, value_margin, value_mse
 from .svpo_config import SVPOConfig
+from .zero3 import frozen_copy, warn_if_save_has_no_weights
 
 # Keys the collator adds for the value terms; they are not model inputs.
 VALUE_KEYS = ("value_index", "value_labels")
@@ -281,9 +281,7 @@ class SVPOTrainer(DPOTrainer):
         # TRL builds the reference from the model's Hub id, which an in-memory model does not have: copy it.
         no_ref_needed = peft_config is not None or is_peft_model(model) or args.precompute_ref_log_probs
         if ref_model is None and not no_ref_needed:
-            ref_model = copy.deepcopy(model)
-            ref_model.requires_grad_(False)
-            ref_model.eval()
+            ref_model = frozen_copy(model)  # a deepcopy under ZeRO-3 would copy empty parameter shards
 
         super().__init__(
             model=model,
@@ -299,6 +297,7 @@ class SVPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        warn_if_save_has_no_weights(self.accelerator)
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(

@@ -33,6 +33,7 @@ from ..steps import DEFAULT_FORMAT, StepFormat
 from .data_utils import TOKENIZED_COLUMNS, ValueSFTCollator, tokenize_values_dataset
 from .losses import value_mse
 from .value_sft_config import ValueSFTConfig
+from .zero3 import warn_if_save_has_no_weights
 
 
 def value_sft_terms(
@@ -163,6 +164,7 @@ class ValueSFTTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        warn_if_save_has_no_weights(self.accelerator)
         # Trainer then counts the NLL tokens of the whole accumulated batch (`num_items_in_batch`), and
         # compute_loss scales both terms for gradient accumulation itself
         self.model_accepts_loss_kwargs = True
