@@ -15,7 +15,8 @@ Contract (what the trainers and the search rely on)
 - ``model.v_head``: a :class:`ValueHead` (``nn.Linear(hidden, 1)`` then tanh), in the model's dtype,
   called as a module (so DeepSpeed ZeRO-3 gathers its weights and PEFT ``modules_to_save`` can wrap it).
 - ``outputs = model(input_ids, attention_mask=...)``: the base model's output plus ``outputs.values``,
-  shape ``(B, T)``, in [-1, 1]; ``values[b, t]`` is V of the prefix ending at token ``t``.
+  shape ``(B, T)``, in [-1, 1]; ``values[b, t]`` is V of the prefix ending at token ``t``. Values are in
+  the head's dtype, also under autocast (bf16 mixed precision with fp32 weights gives fp32 values).
 - ``model.last_values``: the ``(B, T)`` values of the most recent forward of the backbone, whatever
   called it: our forward, ``generate`` (then ``T`` is the number of new positions of the last step), or
   TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, which ``DPOTrainer`` installs and whose
@@ -48,8 +49,10 @@ vLLM rejects unknown weights: serve a head checkpoint's policy from a copy saved
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib.util
 from typing import Any
 
 import torch
@@ -71,8 +74,17 @@ class ValueHead(nn.Linear):
         super().__init__(hidden_size, 1, bias=True, device=device, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The backbone may run in another dtype than the head (e.g. fp32 hidden states after an upcast norm)
-        return torch.tanh(super().forward(hidden_states.to(self.weight.dtype))).squeeze(-1)
+        # The backbone may run in another dtype than the head (e.g. fp32 hidden states after an upcast norm).
+        # Autocast (bf16 mixed precision) would run the projection in bf16 and round V to ~3 digits, which the
+        # margin and MSE terms compare; one hidden -> 1 projection costs nothing in the weights' own dtype.
+        with _without_autocast(hidden_states.device.type):
+            return torch.tanh(super().forward(hidden_states.to(self.weight.dtype))).squeeze(-1)
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    # torch.autocast raises for device types it does not know (e.g. "meta"); torch < 2.4 lacks the query
+    available = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
 
 
 class ValueHeadForCausalLM:
@@ -96,6 +108,7 @@ class ValueHeadForCausalLM:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *model_args: Any, **kwargs: Any):
         """Load a causal LM checkpoint with a value head (restored if saved, else initialised)."""
+        _check_attn_implementation(kwargs.get("attn_implementation"))
         if "_value_head_base" in cls.__dict__:  # a concrete class: plain transformers loading
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         config = kwargs.pop("config", None)
@@ -181,6 +194,15 @@ class ValueHeadForCausalLM:
         if kwargs.get("is_main_process", True):
             self.config.save_pretrained(save_directory)
         return result
+
+
+def _check_attn_implementation(name: str | None) -> None:
+    # transformers fails deep inside from_pretrained with a message that does not say how to install it
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package (NVIDIA GPUs only): "
+            "pip install 'svpo_trl[flash-attn]'. Or use attn_implementation='sdpa' (the default) or 'eager'."
+        )
 
 
 _VALUE_HEAD_CLASSES: dict[type, type] = {}
