@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -498,3 +499,90 @@ def test_every_term_reaches_tensorboard(tiny_tokenizer, tmp_path, pairs):
     assert {"train/values/accuracy", "train/rewards/accuracies"} <= tags
     first = trainer.state.log_history[0]
     assert events.Scalars("train/loss/margin")[0].value == pytest.approx(first["loss/margin"])
+
+
+# ------------------------------------------------------------------ training at scale: memory, attention, bf16
+
+
+def _count_forwards(module: torch.nn.Module) -> list[int]:
+    # Wraps forward rather than hooking it: torch's checkpoint recomputation does not run forward hooks
+    calls: list[int] = []
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counted
+    return calls
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_tokenizer, tmp_path, pairs):
+    runs = {}
+    for checkpointing in (False, True):
+        trainer = _trainer(tiny_tokenizer, tmp_path, pairs, gradient_checkpointing=checkpointing)
+        calls = _count_forwards(trainer.model.model.layers[0].mlp)  # the policy's, not the reference's
+        before = _snapshot(trainer.model)
+        trainer.train()
+        not_moved = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]
+        assert not_moved == [], checkpointing
+        runs[checkpointing] = trainer.state.log_history[0], len(calls)
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = runs[False], runs[True]
+    assert (plain_calls, checkpointed_calls) == (3, 6)  # one forward a step, plus its recomputation
+    for key in ("loss", "loss/dpo", "loss/mse", "values/chosen"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-6), key
+
+
+@pytest.fixture()
+def head_checkpoint(tiny_tokenizer, tmp_path):
+    path = tmp_path / "checkpoint"
+    ValueHeadForCausalLM.from_causal_lm(tiny_llama(tiny_tokenizer, seed=0)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_attn_implementation_reaches_both_models_and_sdpa_equals_eager(
+    tiny_tokenizer, tmp_path, pairs, head_checkpoint
+):
+    losses = {}
+    for implementation in ("eager", "sdpa"):
+        args = _config(tmp_path, model_init_kwargs={"attn_implementation": implementation})
+        trainer = SVPOTrainer(
+            head_checkpoint, args=args, train_dataset=pairs, processing_class=tiny_tokenizer
+        )
+        assert trainer.model.config._attn_implementation == implementation
+        assert trainer.ref_model.config._attn_implementation == implementation
+        _perturb(trainer.model)  # policy ≠ reference, so that the DPO term depends on both forwards
+        trainer.model.train()
+        losses[implementation] = trainer.compute_loss(trainer.model, _batch(trainer)).item()
+    assert losses["sdpa"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+def test_flash_attention_without_flash_attn_names_the_extra(tiny_tokenizer, tmp_path, pairs, head_checkpoint):
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    args = _config(tmp_path, model_init_kwargs={"attn_implementation": "flash_attention_2"})
+    with pytest.raises(ImportError, match=r"pip install 'svpo_trl\[flash-attn\]'"):
+        SVPOTrainer(head_checkpoint, args=args, train_dataset=pairs, processing_class=tiny_tokenizer)
+
+
+def test_bf16_autocast_trains_saves_and_keeps_values_fp32(tiny_tokenizer, tmp_path, pairs):
+    fp32 = _trainer(tiny_tokenizer, tmp_path, pairs, max_steps=1)
+    fp32.train()
+    trainer = _trainer(tiny_tokenizer, tmp_path, pairs, bf16=True)
+    before = _snapshot(trainer.model)
+    trainer.train()
+    assert [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])] == []
+    # Autocast ran the backbone in bf16 (the loss moved a little) around fp32 weights, and the head in fp32
+    expected, first = fp32.state.log_history[0], trainer.state.log_history[0]
+    assert first["loss"] != expected["loss"]
+    for key in ("loss", "loss/sft", "loss/mse", "values/chosen", "values/rejected"):
+        assert first[key] == pytest.approx(expected[key], rel=2e-2, abs=2e-3), key
+    assert trainer.model.dtype == torch.float32
+    assert trainer.model.last_values.dtype == torch.float32
+
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = ValueHeadForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    assert loaded.config.has_value_head and loaded.dtype == torch.float32
+    assert torch.equal(loaded.v_head.weight, trainer.model.v_head.weight)
+    assert torch.equal(loaded.v_head.bias, trainer.model.v_head.bias)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from datasets import Dataset
 from svpo_trl.models import ValueHeadForCausalLM
 from svpo_trl.steps import DEFAULT_FORMAT
 from svpo_trl.tokenization import tokenize_solution
+from svpo_trl.toy import tiny_llama
 from svpo_trl.trainer.data_utils import ValueSFTCollator, tokenize_values_dataset
 from svpo_trl.trainer.value_sft_config import ValueSFTConfig
 from svpo_trl.trainer.value_sft_trainer import ValueSFTTrainer
@@ -294,3 +296,109 @@ def test_lora_trains_adapter_and_head(tiny_model, tiny_tokenizer, dataset, tmp_p
             continue
         original = key.replace(".base_layer", "").replace("v_head.original_module.", "v_head.")
         assert torch.equal(value, base[original]), f"{key} moved"
+
+
+# -- training at scale: memory, attention, bf16 -----------------------------------------------------------
+def _count_forwards(module: torch.nn.Module) -> list[int]:
+    # Wraps forward rather than hooking it: torch's checkpoint recomputation does not run forward hooks
+    calls: list[int] = []
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counted
+    return calls
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_tokenizer, dataset, tmp_path):
+    runs = {}
+    for checkpointing in (False, True):
+        model = ValueHeadForCausalLM.from_causal_lm(tiny_llama(tiny_tokenizer, seed=0))
+        before = copy.deepcopy(model)
+        calls = _count_forwards(model.model.layers[0].mlp)
+        trainer = ValueSFTTrainer(
+            model,
+            config(tmp_path, gradient_checkpointing=checkpointing, max_steps=3),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+        trainer.train()
+        initial = dict(before.named_parameters())
+        assert [n for n, p in model.named_parameters() if torch.equal(p, initial[n])] == []
+        runs[checkpointing] = trainer.state.log_history[0], len(calls)
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = runs[False], runs[True]
+    assert (plain_calls, checkpointed_calls) == (3, 6)  # one forward a step, plus its recomputation
+    for key in ("loss", "nll", "mse"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-6), key
+
+
+@pytest.fixture()
+def plain_checkpoint(tiny_model, tiny_tokenizer, tmp_path):
+    path = tmp_path / "sft"
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _script_args(path: str, **kwargs):
+    from svpo_trl.pipeline import TrainScriptArguments
+
+    return TrainScriptArguments(model_name_or_path=path, annotation_dir="unused", **kwargs)
+
+
+def test_attn_implementation_reaches_the_model_and_sdpa_equals_eager(
+    tiny_tokenizer, dataset, tmp_path, plain_checkpoint
+):
+    from svpo_trl.pipeline import _load_trainable
+
+    losses, head = {}, None
+    for implementation in ("eager", "sdpa"):
+        model, _ = _load_trainable(_script_args(plain_checkpoint, attn_implementation=implementation))
+        assert model.config._attn_implementation == implementation
+        if head is None:
+            head = copy.deepcopy(model.v_head.state_dict())
+        model.v_head.load_state_dict(head)  # the checkpoint has no head: give both the same fresh one
+        trainer = ValueSFTTrainer(
+            model, config(tmp_path), train_dataset=dataset, processing_class=tiny_tokenizer
+        )
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+        losses[implementation] = trainer.compute_loss(model, batch).item()
+    assert losses["sdpa"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+def test_flash_attention_without_flash_attn_names_the_extra(plain_checkpoint):
+    from svpo_trl.pipeline import _load_trainable
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    with pytest.raises(ImportError, match=r"pip install 'svpo_trl\[flash-attn\]'"):
+        _load_trainable(_script_args(plain_checkpoint, attn_implementation="flash_attention_2"))
+
+
+def test_bf16_autocast_trains_saves_and_keeps_values_fp32(tiny_tokenizer, dataset, tmp_path):
+    logs = {}
+    for bf16 in (False, True):
+        model = ValueHeadForCausalLM.from_causal_lm(tiny_llama(tiny_tokenizer, seed=0))
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer = ValueSFTTrainer(
+            model,
+            config(tmp_path / str(bf16), bf16=bf16, mse_weight=1.0),
+            train_dataset=dataset,
+            processing_class=tiny_tokenizer,
+        )
+        trainer.train()
+        logs[bf16] = trainer.state.log_history[0]
+    assert [n for n, p in model.named_parameters() if torch.equal(p, initial[n])] == []
+    # Autocast ran the backbone in bf16 (the loss moved a little) around fp32 weights, and the head in fp32
+    assert logs[True]["loss"] != logs[False]["loss"]
+    for key in ("loss", "nll", "mse"):
+        assert logs[True][key] == pytest.approx(logs[False][key], rel=2e-2), key
+    assert model.dtype == torch.float32 and model.last_values.dtype == torch.float32
+
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = ValueHeadForCausalLM.from_pretrained(tmp_path / "saved")
+    assert loaded.config.has_value_head and loaded.dtype == torch.float32
+    assert torch.equal(loaded.v_head.weight, model.v_head.weight)
+    assert torch.equal(loaded.v_head.bias, model.v_head.bias)
