@@ -149,12 +149,14 @@ def test_runaway_memory(sandbox):
         "import pty\npty.fork()",
     ],
 )
-def test_process_creation_refused(sandbox, code):
-    result = sandbox.run([code])
-    assert result.error is not None
-    assert result.error.startswith(("PermissionError", "AttributeError")), result.error
-    assert not result.timed_out
-    assert_pool_healthy(sandbox)
+def test_process_creation_refused(code):
+    # 3 s: room for a loaded machine to import, still short of the 5 s sleeps a leak would start.
+    with PythonSandbox(timeout_s=3.0, memory_mb=256, max_output_chars=100, num_workers=2) as sandbox:
+        result = sandbox.run([code])
+        assert result.error is not None
+        assert result.error.startswith(("PermissionError", "AttributeError")), result.error
+        assert not result.timed_out
+        assert_pool_healthy(sandbox)
 
 
 def test_deep_recursion(sandbox):
