@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install install-test test test-all lint demo format
+.PHONY: install install-test test test-all test-deepspeed lint demo format
 
 install:
 	$(PIP) install -q "$(TORCH_PIN)"
@@ -20,6 +20,11 @@ test: install-test
 
 test-all: install-test
 	$(PYTHON) -m pytest -q -m "not gpu"
+
+# DeepSpeed ZeRO-2/3 on the CPU (2 processes, gloo): both trainers, 3 steps each (~1.5 min, +1 min to compile once)
+test-deepspeed: install-test
+	$(PIP) install -q -e ".[test,deepspeed]"
+	$(PYTHON) -m pytest -q -m deepspeed
 
 lint:
 	ruff check src tests recipes benchmarks
