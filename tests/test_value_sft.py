@@ -402,3 +402,15 @@ def test_bf16_autocast_trains_saves_and_keeps_values_fp32(tiny_tokenizer, datase
     assert loaded.config.has_value_head and loaded.dtype == torch.float32
     assert torch.equal(loaded.v_head.weight, model.v_head.weight)
     assert torch.equal(loaded.v_head.bias, model.v_head.bias)
+
+
+def test_a_new_value_head_is_drawn_from_the_training_seed(plain_checkpoint):
+    from svpo_trl.pipeline import _load_trainable
+
+    def head(seed: int):
+        model, _ = _load_trainable(_script_args(plain_checkpoint), seed)
+        return model.v_head.weight.detach().clone()
+
+    first, again, other = head(3), head(3), head(4)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other) and first.abs().sum() > 0

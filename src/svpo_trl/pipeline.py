@@ -425,11 +425,14 @@ def _train_and_save(trainer, tokenizer, stage: str, script_args, **results: Any)
     return results
 
 
-def _load_trainable(script_args: TrainScriptArguments):
-    from transformers import AutoTokenizer
+def _load_trainable(script_args: TrainScriptArguments, seed: int = 0):
+    from transformers import AutoTokenizer, set_seed
 
     from .models.value_head import ValueHeadForCausalLM
 
+    # A checkpoint without a head gets a new one drawn from the global generator: seed it, so that the
+    # stage is reproducible and every process of a distributed run draws the same head.
+    set_seed(seed)
     kwargs: dict[str, Any] = {"dtype": _dtype(script_args.dtype)}
     if script_args.attn_implementation:
         kwargs["attn_implementation"] = script_args.attn_implementation
@@ -444,7 +447,7 @@ def run_value_sft(script_args: TrainScriptArguments, training_args) -> dict[str,
     """Stage 2: SFT on correct solutions + MSE of the value head on every step (Eq. 7)."""
     from .trainer.value_sft_trainer import ValueSFTTrainer
 
-    model, tokenizer = _load_trainable(script_args)
+    model, tokenizer = _load_trainable(script_args, training_args.seed)
     values = _load_annotation(script_args.annotation_dir, "values")
     trainer = ValueSFTTrainer(model, args=training_args, train_dataset=values, processing_class=tokenizer)
     return _train_and_save(trainer, tokenizer, "value_sft", script_args)
@@ -460,7 +463,7 @@ def run_svpo(script_args: TrainScriptArguments, training_args) -> dict[str, Any]
             raise ValueError(f"recipe {script_args.recipe!r} unknown: expected one of {sorted(RECIPES)}")
         for name, value in RECIPES[script_args.recipe].items():
             setattr(training_args, name, value)
-    model, tokenizer = _load_trainable(script_args)
+    model, tokenizer = _load_trainable(script_args, training_args.seed)
     pairs = _load_annotation(script_args.annotation_dir, script_args.dataset_config)
     if len(pairs) == 0:
         raise ValueError(
