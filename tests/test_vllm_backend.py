@@ -253,6 +253,31 @@ def test_mcts_annotation_with_vllm_backend(backend, tmp_path):
     assert summary["tokens"] == backend.tokens_generated - before > 0
 
 
+@pytest.mark.vllm
+@pytest.mark.distributed
+def test_sharded_annotation_with_one_vllm_engine_per_process(checkpoints, tmp_path):
+    """run_annotate(backend="vllm") under accelerate launch: two engines, disjoint shares, one merge."""
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+
+    pytest.importorskip("vllm")
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(repo / "accelerate_configs" / "multi_process_cpu.yaml"), "--num_processes", "2"]
+    cmd += [str(repo / "tests" / "vllm_sharded_worker.py"), str(checkpoints[0]), str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [
+        json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("SUMMARY")
+    ]
+    assert len(summaries) == 2 and summaries[0] == summaries[1]  # both ranks return the merged result
+    assert summaries[0]["processes"] == 2 and summaries[0]["problems"] == 6 and summaries[0]["trees"] == 12
+    trees = load_from_disk(str(tmp_path / "out" / "trees"))
+    assert Counter(trees["id"]) == {pid: 2 for pid in set(trees["id"])} and len(set(trees["id"])) == 6
+
+
 # ---------------------------------------------------------------------------- without vLLM
 def test_head_less_copy_of_a_sharded_checkpoint(tmp_path, tiny_tokenizer):
     from safetensors.torch import load_file
