@@ -236,7 +236,7 @@ def main() -> None:
     raw.generate([problems[0]["question"]], n=2, temperature=1.0, max_new_tokens=8, stop=["</step>"])
     if args.backend == "vllm":
         raw.llm.reset_prefix_cache()
-        raw._cache_baseline = raw._prefix_cache_counters()  # the hit rate of the search alone
+        raw.prompt_tokens = raw.cached_prompt_tokens = 0  # the hit rate of the search alone
 
     with tempfile.TemporaryDirectory() as tmp:
         annotator = MCTSAnnotator(sampler, config, grader=grader)

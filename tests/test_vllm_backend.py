@@ -147,6 +147,38 @@ def test_stop_strings_cut_like_hf(backend, hf):
 
 
 @pytest.mark.vllm
+def test_eos_ends_like_hf(checkpoints, hf, tiny_tokenizer, tmp_path):
+    """A token the greedy continuation emits is made an EOS of the checkpoint: both backends stop at it."""
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM
+
+    from svpo_trl.search.backends import HFBackend
+
+    [[free]] = hf.generate(PROMPTS[:1], n=1, temperature=0.0, max_new_tokens=12, stop=[])
+    token = free.token_ids[3]
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoints[0])).eval()
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, token]
+    model.save_pretrained(tmp_path / "eos")
+    tiny_tokenizer.save_pretrained(tmp_path / "eos")
+    ref = HFBackend(model, tiny_tokenizer)
+    ours = VLLMBackend(str(tmp_path / "eos"), **ENGINE)
+    try:
+        got = ours.generate(PROMPTS, n=1, temperature=0.0, max_new_tokens=24, stop=[])
+    finally:
+        ours.close()
+    want = ref.generate(PROMPTS, n=1, temperature=0.0, max_new_tokens=24, stop=[])
+    for [g], [w] in zip(got, want):
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+        assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=1e-4)
+    [first] = got[0]
+    # The EOS token is generated, counted and kept in token_ids, as in HFBackend.
+    assert first.finish_reason == "stop" and first.token_ids[-1] == token
+    assert first.num_tokens == free.token_ids.index(token) + 1 and ours.tokens_generated == sum(
+        g[0].num_tokens for g in got
+    )
+
+
+@pytest.mark.vllm
 def test_n_samples_with_raw_logprobs(backend, hf):
     before = backend.tokens_generated
     out = backend.generate(PROMPTS[:2], n=5, temperature=1.3, max_new_tokens=10, stop=["</step>"])
@@ -169,11 +201,19 @@ def test_n_samples_with_raw_logprobs(backend, hf):
 
 @pytest.mark.vllm
 def test_prefix_cache_is_hit_on_repeated_prefixes(backend):
+    # A backend of its own on the shared engine: its hit rate counts its own calls only.
+    fresh = VLLMBackend(backend.model_name_or_path, llm=backend.llm)
+    assert fresh.prefix_cache_hit_rate is None
+    backend.llm.reset_prefix_cache()
     long_prompts = [PROMPTS[1], PROMPTS[1] + "<step>\n<p>\n"]
-    backend.generate(long_prompts, n=2, temperature=1.0, max_new_tokens=4, stop=[])
-    backend.generate(long_prompts, n=2, temperature=1.0, max_new_tokens=4, stop=[])
-    rate = backend.prefix_cache_hit_rate
-    assert rate is not None and 0.3 < rate <= 1.0
+    fresh.generate(long_prompts, n=2, temperature=1.0, max_new_tokens=4, stop=[])
+    first = fresh.prefix_cache_hit_rate
+    fresh.generate(long_prompts, n=2, temperature=1.0, max_new_tokens=4, stop=[])
+    # Samples 2..n and the second prompt reuse the first's blocks; the second call reuses everything.
+    assert first is not None and 0.3 < first < fresh.prefix_cache_hit_rate <= 1.0
+    # 2 calls x 2 samples x each prompt.
+    assert fresh.prompt_tokens == 4 * sum(len(fresh._encode(p)) for p in long_prompts)
+    assert 0 < fresh.cached_prompt_tokens < fresh.prompt_tokens
 
 
 # ---------------------------------------------------------------------------- checkpoints and values

@@ -64,9 +64,10 @@ def _import_vllm() -> Any:
 class VLLMBackend:
     """`GenerationBackend` on a ``vllm.LLM``, with the same semantics as `HFBackend`.
 
-    Generation: one ``LLM.generate`` call per ``generate`` call, ``n`` samples per prompt as one
-    request (``SamplingParams.n``: the prompt is prefilled once), prefix caching on (search re-sends
-    every state's prefix for each expansion), stop strings kept in the text
+    Generation: one ``LLM.generate`` call per ``generate`` call, the ``n`` samples of a prompt as ``n``
+    adjacent requests (what vLLM makes of ``SamplingParams.n`` itself; the prompt's KV blocks are
+    computed once and shared through the prefix cache), prefix caching on (search re-sends every
+    state's prefix for each expansion), stop strings kept in the text
     (``include_stop_str_in_output``), ``finish_reason`` ``"stop"`` (stop string or EOS) or ``"length"``.
     Prompts are tokenized here exactly as `HFBackend` does (BOS when the tokenizer adds one by
     default) and handed to vLLM as token ids; completion texts are decoded from the generated ids with
@@ -120,8 +121,8 @@ class VLLMBackend:
         policy_cache_dir: where head-less copies of value-head checkpoints go (default
             ``$SVPO_TRL_CACHE`` or ``~/.cache/svpo_trl``, then ``vllm_policies/``).
 
-    Counters: ``calls`` and ``tokens_generated`` (as `HFBackend`), ``prefix_cache_hit_rate`` (vLLM's
-    own prefix-cache counters), ``prompt_tokens`` / ``cached_prompt_tokens`` (per request, first sample).
+    Counters: ``calls`` and ``tokens_generated`` (as `HFBackend`), ``prompt_tokens`` and
+    ``cached_prompt_tokens`` (prompt tokens vLLM found in its prefix cache), ``prefix_cache_hit_rate``.
     vLLM caches whole KV blocks only: on CPU its default block is 128 tokens, longer than toy prompts,
     so pass ``engine_kwargs={"block_size": 32}`` there (CPU attention needs a multiple of 32).
     Engines start in the constructor (generation) and on the first ``values`` call (value scorer).
@@ -194,13 +195,10 @@ class VLLMBackend:
                 tokenizer=self.local_path,
                 enable_prefix_caching=enable_prefix_caching,
                 logprobs_mode="raw_logprobs",
-                # Stats on: the prefix-cache counters come from vLLM's own metrics.
-                disable_log_stats=False,
                 **engine,
                 **dict(engine_kwargs or {}),
             )
         self.llm = llm
-        self._cache_baseline = self._prefix_cache_counters()
         self._bos = _bos_to_prepend(tokenizer)
         self._value_engine: Any = None
         self._hf_values: HFBackend | None = None
@@ -233,9 +231,10 @@ class VLLMBackend:
         if not prompts:
             return []
         greedy = temperature == 0
+        # Greedy samples are identical: decode each prompt once and copy.
+        copies = 1 if greedy else n
         params = SamplingParams(
-            # Greedy samples are identical: decode each prompt once and copy.
-            n=1 if greedy else n,
+            n=1,
             temperature=0.0 if greedy else float(temperature),
             top_p=1.0,
             top_k=0,
@@ -246,16 +245,20 @@ class VLLMBackend:
             include_stop_str_in_output=True,
             logprobs=0,  # the sampled token's own log-prob only
         )
-        inputs = [{"prompt_token_ids": self._encode(p)} for p in prompts]
+        # The n samples of a prompt go in as n requests, next to each other. vLLM v1 runs
+        # SamplingParams(n=k) exactly so (its front end fans a request out into k child requests
+        # that share the prompt's KV blocks through the prefix cache), but only separate requests
+        # report each sample's cached prompt tokens (RequestOutput.num_cached_tokens).
+        inputs = [{"prompt_token_ids": ids} for ids in map(self._encode, prompts) for _ in range(copies)]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
-        grouped = []
+        completions = []
         for request in outputs:
             self.prompt_tokens += len(request.prompt_token_ids)
             self.cached_prompt_tokens += request.num_cached_tokens or 0
-            completions = [self._to_completion(out, stop) for out in request.outputs]
-            if greedy and n > 1:
-                completions = [copy.deepcopy(completions[0]) for _ in range(n)]
-            grouped.append(completions)
+            completions.append(self._to_completion(request.outputs[0], stop))
+        grouped = [completions[i * copies : (i + 1) * copies] for i in range(len(prompts))]
+        if greedy and n > 1:
+            grouped = [[copy.deepcopy(g[0]) for _ in range(n)] for g in grouped]
         return grouped
 
     def _to_completion(self, out: Any, stop: list[str]) -> Completion:
@@ -275,30 +278,14 @@ class VLLMBackend:
             token_ids=tokens,
         )
 
-    def _prefix_cache_counters(self) -> tuple[int, int] | None:
-        """vLLM's ``(prefix_cache_queries, prefix_cache_hits)`` token counters, or None without stats."""
-        try:
-            metrics = {m.name: getattr(m, "value", None) for m in self.llm.get_metrics()}
-        except (AssertionError, AttributeError):  # an engine started with disable_log_stats=True
-            return None
-        # Absent until the first request is scheduled.
-        return int(metrics.get("vllm:prefix_cache_queries") or 0), int(
-            metrics.get("vllm:prefix_cache_hits") or 0
-        )
-
     @property
     def prefix_cache_hit_rate(self) -> float | None:
-        """Share of prompt tokens since this backend was made that vLLM found in its prefix cache.
+        """Share of prompt tokens, over this backend's requests, that vLLM served from its prefix cache.
 
-        From vLLM's scheduler counters (every sample of every request); when the engine runs without
-        stats, from the requests' ``num_cached_tokens`` (which vLLM reports for the first sample only).
-        None before any prompt token.
+        From each request's ``num_cached_tokens``: the same count as vLLM's ``prefix_cache_hits`` /
+        ``prefix_cache_queries`` metrics, which a second engine in the process (the ``"vllm"`` value
+        scorer) would unregister. None before any request.
         """
-        counters = self._prefix_cache_counters()
-        if counters is not None and self._cache_baseline is not None:
-            queries = counters[0] - self._cache_baseline[0]
-            hits = counters[1] - self._cache_baseline[1]
-            return hits / queries if queries else None
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     # ------------------------------------------------------------------ values
