@@ -267,6 +267,18 @@ def test_plain_checkpoint_generates_but_has_no_values(backend, checkpoints, hf):
 
 
 @pytest.mark.vllm
+def test_an_engine_with_processed_logprobs_is_refused(checkpoints):
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    llm = SimpleNamespace(
+        model_config=SimpleNamespace(model=str(checkpoints[0]), logprobs_mode="processed_logprobs")
+    )
+    with pytest.raises(ValueError, match="raw_logprobs"):
+        VLLMBackend(llm=llm)
+
+
+@pytest.mark.vllm
 def test_mcts_annotation_with_vllm_backend(backend, tmp_path):
     from svpo_trl.search.mcts import MCTSAnnotator, MCTSConfig
 

@@ -76,7 +76,8 @@ class VLLMBackend:
     penalties; the checkpoint's generation config only contributes its EOS ids). ``token_logprobs`` are
     the log-probs of the generated tokens under the *raw* distribution (vLLM
     ``logprobs_mode="raw_logprobs"``: before temperature and any processor), the prior of Eq. 4.
-    ``seed`` seeds the engine: the same seed and the same calls give the same samples.
+    ``seed`` seeds the engine's sampler (vLLM's own RNG, not torch's: samples differ from `HFBackend`'s
+    in value, not in distribution).
 
     Values (``values(texts)``: ``V_φ`` at the last token, §3.2, A.3) need a checkpoint saved by
     ``ValueHeadForCausalLM.save_pretrained``. ``value_scorer`` picks how:
@@ -198,6 +199,9 @@ class VLLMBackend:
                 **engine,
                 **dict(engine_kwargs or {}),
             )
+        mode = getattr(getattr(llm, "model_config", None), "logprobs_mode", "raw_logprobs")
+        if mode != "raw_logprobs":  # the Eq. 4 prior is the policy itself, not the tempered distribution
+            raise ValueError(f"VLLMBackend needs an engine with logprobs_mode='raw_logprobs', got {mode!r}")
         self.llm = llm
         self._bos = _bos_to_prepend(tokenizer)
         self._value_engine: Any = None
