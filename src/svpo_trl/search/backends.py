@@ -133,12 +133,7 @@ class HFBackend:
         """``n`` completions per prompt (see the class docstring for stop, temperature, log-probs)."""
         import torch
 
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_generate_args(n, temperature, max_new_tokens)
         self.calls += 1
         if not prompts:
             return []
@@ -297,6 +292,16 @@ class HFBackend:
             torch.tensor(ids, dtype=torch.long, device=self.device),
             torch.tensor(mask, dtype=torch.long, device=self.device),
         )
+
+
+def check_generate_args(n: int, temperature: float, max_new_tokens: int) -> None:
+    """The arguments of `GenerationBackend.generate` that every backend rejects alike."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 def _first_stop_end(text: str, stop: list[str]) -> int | None:

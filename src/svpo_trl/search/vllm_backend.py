@@ -37,6 +37,7 @@ from .backends import (
     TokenCompletion,
     _bos_to_prepend,
     _first_stop_end,
+    check_generate_args,
 )
 
 if TYPE_CHECKING:
@@ -225,12 +226,7 @@ class VLLMBackend:
         """``n`` completions per prompt (see the class docstring for stop, temperature, log-probs)."""
         from vllm import SamplingParams
 
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_generate_args(n, temperature, max_new_tokens)
         self.calls += 1
         if not prompts:
             return []
