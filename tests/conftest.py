@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import pytest
 
@@ -46,3 +47,37 @@ def tiny_model(tiny_tokenizer):
     from svpo_trl.toy import tiny_llama
 
     return tiny_llama(tiny_tokenizer, seed=0)
+
+
+@dataclass
+class _Result:
+    stdout: str
+    error: str | None = None
+    timed_out: bool = False
+
+
+class ConstantSandbox:
+    """Every snippet prints 1: scripted code steps need an output, not a real interpreter."""
+
+    def __init__(self):
+        self.jobs = 0
+
+    def run_many(self, snippet_lists):
+        self.jobs += len(snippet_lists)
+        return [_Result("1") for _ in snippet_lists]
+
+
+def count_forwards(module) -> list[int]:
+    """Count ``module``'s forward calls (one entry per call), recomputations by checkpointing included.
+
+    Wraps ``forward`` rather than hooking it: torch's checkpoint recomputation does not run forward hooks.
+    """
+    calls: list[int] = []
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counted
+    return calls

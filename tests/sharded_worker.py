@@ -15,13 +15,14 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
 
 from svpo_trl.distributed import ProcessShard
 from svpo_trl.evaluation import evaluate
 from svpo_trl.search.mcts import MCTSAnnotator, MCTSConfig
 from svpo_trl.search.sampler import StepSampler
 from svpo_trl.search.testing import ScriptedBackend
+
+from conftest import ConstantSandbox
 
 PROBLEMS = [
     {"id": f"q{i}", "question": f"What is {i} + {2 * i + 1}?", "answer": str(3 * i + 1)} for i in range(9)
@@ -52,22 +53,6 @@ def script(prompt: str):
 
 def backend() -> ScriptedBackend:
     return ScriptedBackend(script, value_fn=lambda text: ((len(text) * 7) % 11) / 11 - 0.5)
-
-
-@dataclass
-class _Result:
-    stdout: str
-    error: str | None = None
-    timed_out: bool = False
-
-
-class ConstantSandbox:
-    """Every snippet prints 1 (the scripted code steps need an output, not a real interpreter)."""
-
-    executions = 0
-
-    def run_many(self, snippet_lists):
-        return [_Result("1") for _ in snippet_lists]
 
 
 def exact_match(prediction, gold) -> bool:

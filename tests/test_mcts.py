@@ -6,7 +6,6 @@ import filecmp
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from svpo_trl.search.mcts import MCTSAnnotator, MCTSConfig
 from svpo_trl.search.sampler import StepSampler
 from svpo_trl.search.testing import ScriptedBackend
 from svpo_trl.steps import DEFAULT_FORMAT
+
+from conftest import ConstantSandbox
 
 QUESTION = "What is 3 + 4?"
 PROMPT = DEFAULT_FORMAT.prompt(QUESTION)
@@ -48,24 +49,6 @@ def scripted(tables: dict[str, dict]) -> ScriptedBackend:
         return tables[question][labels]
 
     return ScriptedBackend(script)
-
-
-@dataclass
-class _Result:
-    stdout: str
-    error: str | None = None
-    timed_out: bool = False
-
-
-class ConstantSandbox:
-    """Every snippet prints 1: the scripted code steps need an output, not a real interpreter."""
-
-    def __init__(self):
-        self.jobs = 0
-
-    def run_many(self, snippet_lists):
-        self.jobs += len(snippet_lists)
-        return [_Result("1") for _ in snippet_lists]
 
 
 def exact_match(prediction: str, gold) -> bool:

@@ -26,7 +26,7 @@ from svpo_trl.trainer.svpo_trainer import (
     tokenize_step_pair,
 )
 
-from conftest import FIGURE5_QUESTION, FIGURE5_STEPS
+from conftest import FIGURE5_QUESTION, FIGURE5_STEPS, count_forwards
 
 FMT = DEFAULT_FORMAT
 PROMPT = FMT.prompt(FIGURE5_QUESTION)
@@ -504,24 +504,11 @@ def test_every_term_reaches_tensorboard(tiny_tokenizer, tmp_path, pairs):
 # ------------------------------------------------------------------ training at scale: memory, attention, bf16
 
 
-def _count_forwards(module: torch.nn.Module) -> list[int]:
-    # Wraps forward rather than hooking it: torch's checkpoint recomputation does not run forward hooks
-    calls: list[int] = []
-    forward = module.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
-
-    module.forward = counted
-    return calls
-
-
 def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_tokenizer, tmp_path, pairs):
     runs = {}
     for checkpointing in (False, True):
         trainer = _trainer(tiny_tokenizer, tmp_path, pairs, gradient_checkpointing=checkpointing)
-        calls = _count_forwards(trainer.model.model.layers[0].mlp)  # the policy's, not the reference's
+        calls = count_forwards(trainer.model.model.layers[0].mlp)  # the policy's, not the reference's
         before = _snapshot(trainer.model)
         trainer.train()
         not_moved = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]

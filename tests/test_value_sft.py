@@ -17,7 +17,7 @@ from svpo_trl.trainer.data_utils import ValueSFTCollator, tokenize_values_datase
 from svpo_trl.trainer.value_sft_config import ValueSFTConfig
 from svpo_trl.trainer.value_sft_trainer import ValueSFTTrainer
 
-from conftest import FIGURE5_QUESTION, FIGURE5_STEPS
+from conftest import FIGURE5_QUESTION, FIGURE5_STEPS, count_forwards
 
 PROMPT = DEFAULT_FORMAT.prompt(FIGURE5_QUESTION)
 CODE_STEP, ANSWER_STEP = FIGURE5_STEPS
@@ -299,25 +299,12 @@ def test_lora_trains_adapter_and_head(tiny_model, tiny_tokenizer, dataset, tmp_p
 
 
 # -- training at scale: memory, attention, bf16 -----------------------------------------------------------
-def _count_forwards(module: torch.nn.Module) -> list[int]:
-    # Wraps forward rather than hooking it: torch's checkpoint recomputation does not run forward hooks
-    calls: list[int] = []
-    forward = module.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
-
-    module.forward = counted
-    return calls
-
-
 def test_gradient_checkpointing_recomputes_and_gives_the_same_loss(tiny_tokenizer, dataset, tmp_path):
     runs = {}
     for checkpointing in (False, True):
         model = ValueHeadForCausalLM.from_causal_lm(tiny_llama(tiny_tokenizer, seed=0))
         before = copy.deepcopy(model)
-        calls = _count_forwards(model.model.layers[0].mlp)
+        calls = count_forwards(model.model.layers[0].mlp)
         trainer = ValueSFTTrainer(
             model,
             config(tmp_path, gradient_checkpointing=checkpointing, max_steps=3),
