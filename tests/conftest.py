@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -81,3 +83,18 @@ def count_forwards(module) -> list[int]:
 
     module.forward = counted
     return calls
+
+
+def accelerate_launch(config_file, processes: int | None = None) -> list[str]:
+    """The ``accelerate launch`` command line up to the script, on a free port.
+
+    accelerate's fixed default port (29500) can still be held by the previous launch's socket, which
+    fails the next launch at random.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    if processes is not None:
+        cmd += ["--num_processes", str(processes)]
+    return [*cmd, "--main_process_port", str(port)]

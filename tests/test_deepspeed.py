@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,8 @@ pytest.importorskip("deepspeed")
 import deepspeed_worker
 from svpo_trl.models import ValueHeadForCausalLM
 from svpo_trl.toy import tiny_llama
+
+from conftest import accelerate_launch
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed]
 
@@ -51,16 +51,8 @@ def checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     return {name: root / name for name in models}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(stage: int, trainer: str, model: Path, output: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--config_file", str(REPO / "accelerate_configs" / f"deepspeed_zero{stage}_cpu.yaml")]
-    cmd += ["--main_process_port", str(_free_port()), *extra]
+    cmd = [*accelerate_launch(REPO / "accelerate_configs" / f"deepspeed_zero{stage}_cpu.yaml"), *extra]
     cmd += [str(REPO / "tests" / "deepspeed_worker.py"), "--trainer", trainer]
     cmd += ["--model", str(model), "--output", str(output)]
     if stage == 3:  # the recipes' setting (gradient_checkpointing: true), and the hardest case for it

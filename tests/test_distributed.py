@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,14 +19,14 @@ from svpo_trl.distributed import ProcessShard, shard_positions
 from svpo_trl.evaluation import evaluate
 
 import sharded_worker
+from conftest import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_CONFIG = REPO / "accelerate_configs" / "multi_process_cpu.yaml"
 
 
 def launch(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG)]
-    cmd += ["--num_processes", str(processes), str(REPO / "tests" / "sharded_worker.py"), *args]
+    cmd = [*accelerate_launch(LAUNCH_CONFIG, processes), str(REPO / "tests" / "sharded_worker.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
 
 

@@ -21,6 +21,8 @@ from svpo_trl.pipeline import stage_done
 from svpo_trl.steps import DEFAULT_FORMAT as F
 from svpo_trl.toy.task import load_toy_problems
 
+from conftest import accelerate_launch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 
@@ -221,13 +223,7 @@ def test_svpo_recipe_names_an_unknown_recipe(setting):
 def test_evaluate_runs_under_accelerate_launch(setting):
     root, config = setting
     out = root / "eval_accelerate"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "cpu.yaml"),
-    ]
+    cmd = accelerate_launch(REPO / "accelerate_configs" / "cpu.yaml")
     cmd += [
         str(REPO / "recipes" / "evaluate.py"),
         "--config",
@@ -242,8 +238,7 @@ def test_evaluate_runs_under_accelerate_launch(setting):
 
 
 def launch_recipe(recipe: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd += [str(REPO / "accelerate_configs" / "multi_process_cpu.yaml"), "--num_processes", str(processes)]
+    cmd = [*accelerate_launch(REPO / "accelerate_configs" / "multi_process_cpu.yaml", processes)]
     cmd += [str(REPO / "recipes" / recipe), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
