@@ -26,6 +26,7 @@ them :meth:`ProcessShard.from_environment` is the single process, and nothing he
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from collections.abc import Sequence
@@ -36,6 +37,19 @@ from typing import Any
 __all__ = ["ProcessShard", "shard_positions"]
 
 _GROUPS: dict[tuple[int, float], Any] = {}
+
+
+def _destroy_process_group() -> None:
+    """Tear the process groups down before the interpreter does.
+
+    A gloo group left to the interpreter's exit now and then aborts the process there ("terminate called
+    without an active exception"), failing the launch after the work is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _GROUPS.clear()
 
 
 def _id_key(problem_id: Any) -> str:
@@ -87,6 +101,7 @@ class ProcessShard:
         # accelerate's own MULTI_CPU launch needs mpirun; processes started by torchrun on a machine
         # without CUDA are told to use the CPU so that accelerate picks gloo instead of giving up.
         state = PartialState(cpu=not torch.cuda.is_available())
+        atexit.register(_destroy_process_group)
         return cls(
             rank=state.process_index,
             world_size=state.num_processes,
