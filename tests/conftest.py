@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -98,3 +99,12 @@ def accelerate_launch(config_file, processes: int | None = None) -> list[str]:
     if processes is not None:
         cmd += ["--num_processes", str(processes)]
     return [*cmd, "--main_process_port", str(port)]
+
+
+def randomize_value_head(model, seed: int = 0, std: float = 0.5):
+    """Give ``model.v_head`` seeded random weights: a new head is all zeros (V = 0 everywhere), which
+    cannot tell states apart in tests that compare values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.v_head.weight.copy_(torch.randn(model.v_head.weight.shape, generator=generator) * std)
+    return model

@@ -8,7 +8,7 @@ import torch
 from svpo_trl.search.backends import Completion, GenerationBackend, HFBackend
 from svpo_trl.steps import DEFAULT_FORMAT
 
-from conftest import FIGURE5_QUESTION
+from conftest import FIGURE5_QUESTION, randomize_value_head
 
 PROMPTS = [
     DEFAULT_FORMAT.prompt(FIGURE5_QUESTION),
@@ -159,7 +159,7 @@ def test_values_needs_a_value_head(tiny_model, tiny_tokenizer):
 def test_values_at_last_token_batched_equals_unbatched(tiny_model, tiny_tokenizer):
     from svpo_trl.models.value_head import ValueHeadForCausalLM
 
-    model = ValueHeadForCausalLM.from_causal_lm(tiny_model)
+    model = randomize_value_head(ValueHeadForCausalLM.from_causal_lm(tiny_model))
     backend = HFBackend(model, tiny_tokenizer, batch_size=2)
     texts = [PROMPTS[0] + "<step>\n<p>\n", PROMPTS[1], PROMPTS[2]]
     values = backend.values(texts)

@@ -51,9 +51,10 @@ TREES = {
     "G": {"ROOT": [code("C1")], "C1": [answer("A1", "42")]},
     "D": {"ROOT": [code("C1")], "C1": [code("C2")], "C2": [code("C3")]},
     "M": {"ROOT": [malformed("M1"), answer("A1", "5")]},
+    "MM": {"ROOT": [malformed("M1"), malformed("M2")]},
 }
 VALUES = {
-    "A1": 0.2, "C1": 0.9, "C2": 0.5, "A2": 0.7, "M1": 0.95,
+    "M2": 0.1, "A1": 0.2, "C1": 0.9, "C2": 0.5, "A2": 0.7, "M1": 0.95,
     "A3": 0.6, "A4": 0.8, "C3": 0.3, "A5": 0.85, "C4": 0.75,
 }  # fmt: skip
 
@@ -112,15 +113,26 @@ def test_b1_1_trace():
     assert [c["final_answer"] for c in result.candidates] == ["9"]
 
 
-def test_terminal_candidate_with_top_value_takes_the_slot():
-    # B2 = 5 includes M1 (0.95): a kept terminal candidate leaves the beam and B1 = 1 shrinks to 0.
+def test_malformed_candidate_never_takes_the_slot():
+    # B2 = 5 includes M1 (0.95, malformed: terminal and known wrong). It must not take B1 = 1's only slot
+    # (that ended the search with no answer); C1 (0.9) does, then A4 (0.8) as in the B2 = 4 trace.
     backend = RecordingBackend()
     [result] = SBSGenerator(backend, SBSConfig(beam_width=1, num_samples=5), sandbox=FakeSandbox()).generate(
         ["Q"]
     )
-    assert _labels(result) == ["M1"]
+    assert _labels(result) == ["C1", "A4"]
+    assert result.final_answer == "9" and result.finished
+    assert len(backend.calls) == 2
+
+
+def test_malformed_candidates_only_when_nothing_else():
+    # Every candidate malformed: one is still kept (the search ends, with no answer).
+    backend = RecordingBackend()
+    [result] = SBSGenerator(backend, SBSConfig(beam_width=1, num_samples=2), sandbox=FakeSandbox()).generate(
+        ["MM"]
+    )
+    assert _labels(result) == ["M1"]  # the higher-valued of the two
     assert result.final_answer is None and result.finished
-    assert len(backend.calls) == 1
 
 
 def test_b1_3_trace():

@@ -391,13 +391,14 @@ def test_bf16_autocast_trains_saves_and_keeps_values_fp32(tiny_tokenizer, datase
     assert torch.equal(loaded.v_head.bias, model.v_head.bias)
 
 
-def test_a_new_value_head_is_drawn_from_the_training_seed(plain_checkpoint):
+def test_a_new_value_head_starts_at_zero_whatever_the_seed(plain_checkpoint):
     from svpo_trl.pipeline import _load_trainable
 
     def head(seed: int):
         model, _ = _load_trainable(_script_args(plain_checkpoint), seed)
+        assert model.value_head_loaded is False
         return model.v_head.weight.detach().clone()
 
-    first, again, other = head(3), head(3), head(4)
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other) and first.abs().sum() > 0
+    first, other = head(3), head(4)
+    # The same new head on every run and every process of a distributed run: V = 0 until trained.
+    assert torch.equal(first, other) and torch.all(first == 0)

@@ -408,8 +408,8 @@ def _load_trainable(script_args: TrainScriptArguments, seed: int = 0):
 
     from .models.value_head import ValueHeadForCausalLM
 
-    # A checkpoint without a head gets a new one drawn from the global generator: seed it, so that the
-    # stage is reproducible and every process of a distributed run draws the same head.
+    # Seeded before loading, so that anything a model draws while it is built is the same on every run and
+    # every process (a new value head itself starts at zero).
     set_seed(seed)
     kwargs: dict[str, Any] = {"dtype": _dtype(script_args.dtype)}
     if script_args.attn_implementation:

@@ -7,7 +7,8 @@ Eq. 7 (:class:`~svpo_trl.trainer.value_sft_trainer.ValueSFTTrainer`) and trained
 Contract (what the trainers and the search rely on)
 ---------------------------------------------------
 - ``ValueHeadForCausalLM.from_pretrained(name_or_path, **kwargs)`` loads a plain causal-LM checkpoint
-  (a new head: weight ~ N(0, ``initializer_range``), bias 0) or one saved with a head (restored exactly).
+  (a new head: weight 0, bias 0, so V = 0 on any model) or one saved with a head (restored exactly).
+  ``model.value_head_loaded`` tells which: False when the checkpoint had no ``v_head.*`` weights.
   ``kwargs`` are those of ``PreTrainedModel.from_pretrained`` (``dtype``, ``device_map``, ...).
 - ``ValueHeadForCausalLM.from_causal_lm(model)`` adds a fresh head to an in-memory causal LM **in place**
   (no copy of its weights; the same object is returned, now an instance of the head class). Wrap before
@@ -102,6 +103,7 @@ class ValueHeadForCausalLM:
         # Added before the base's post_init so that weight initialisation (or, in from_pretrained, the
         # missing-key initialisation) covers the head like any other module
         self.v_head = ValueHead(self.config.get_text_config().hidden_size)
+        self.value_head_loaded = False
         self._last_values = None
         self._attach_value_hook()
         super().post_init()
@@ -111,7 +113,13 @@ class ValueHeadForCausalLM:
         """Load a causal LM checkpoint with a value head (restored if saved, else initialised)."""
         _check_attn_implementation(kwargs.get("attn_implementation"))
         if "_value_head_base" in cls.__dict__:  # a concrete class: plain transformers loading
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+            # Search must know whether V was ever trained: a checkpoint without v_head.* gets a new head
+            model.value_head_loaded = not any(k.startswith("v_head.") for k in info.get("missing_keys", ()))
+            return (model, info) if want_info else model
         config = kwargs.pop("config", None)
         if config is None:
             hub_kwargs = {k: kwargs[k] for k in (*_HUB_KWARGS, "trust_remote_code") if k in kwargs}
@@ -146,6 +154,7 @@ class ValueHeadForCausalLM:
             dtype=lm_head_weight.dtype,
         )
         model._init_weights(model.v_head)
+        model.value_head_loaded = False
         model._last_values = None
         model._attach_value_hook()
         return model
@@ -153,8 +162,11 @@ class ValueHeadForCausalLM:
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, ValueHead):
-            std = getattr(self.config.get_text_config(), "initializer_range", None) or 0.02
-            init.normal_(module.weight, mean=0.0, std=std)
+            # A new head starts at V = 0 on any backbone. N(0, initializer_range) weights gave pre-tanh
+            # values of std ~0.9 on a real 135M model (final hidden RMS ~1.9): |V| 0.4-0.6 before any
+            # training, i.e. confident random rankings. With w = 0 the head still learns at once
+            # (dV/dw = h), and the backbone gets value gradients as soon as w moves.
+            init.zeros_(module.weight)
             init.zeros_(module.bias)
         else:
             super()._init_weights(module)

@@ -166,8 +166,10 @@ class SBSGenerator:
                     cursor += 1
                     score = value if value is not None else c.steps[-1].prior
                     scored.append(_Beam(c, score, value))
-                # Stable sort: ties keep sampling order, so results are reproducible.
-                scored.sort(key=lambda b: -b.score)
+                # A malformed candidate is terminal and known to be wrong: it never takes a beam slot from a
+                # well-formed one, whatever its value (a top-valued off-format step used to end the search
+                # with no answer). Stable sort: ties keep sampling order, so results are reproducible.
+                scored.sort(key=lambda b: (b.state.steps[-1].is_malformed, -b.score))
                 live[q] = []
                 for beam in scored[: width[q]]:
                     if beam.state.is_terminal:
