@@ -167,7 +167,44 @@ def test_stop_rule_per_question(tmp_path):
     data = make_annotator(scripted(tables), max_trees=2, max_simulations=1).annotate(
         problems, tmp_path / "run3"
     )
-    assert [len(r["nodes"]) for r in data["trees"].to_list()] == [4, 4, 4, 4]
+    # (b's two completions cycle to X, Y, X: the repeated X is one child, so b's trees have 3 nodes)
+    assert [len(r["nodes"]) for r in data["trees"].to_list()] == [4, 4, 3, 3]
+
+
+def test_identical_samples_become_one_child(tmp_path):
+    # 5 samples at the root: A twice, B twice, C once -> 3 children; A's second sample is not a child.
+    table = {
+        (): [
+            (code("A"), 0.5),
+            (answer("B", "8"), 0.9),
+            (code("A"), 0.5),
+            (answer("B", "8"), 0.9),
+            (answer("C", "7"), 0.4),
+        ],
+        ("A",): [(answer("D", "7"), 0.5)],
+    }
+    backend = scripted({QUESTION: table})
+    data = make_annotator(backend, num_children=5, max_trees=1, max_simulations=2).annotate(
+        [{"id": "q0", "question": QUESTION, "answer": "7"}], tmp_path
+    )
+    nodes = data["trees"][0]["nodes"]
+    texts = [n["text"] for n in nodes[1:] if n["parent_id"] == 0]
+    assert len(texts) == len(set(texts)) == 3
+    by_label = labels_of(data["trees"][0])
+    assert (by_label["A"]["num_samples"], by_label["B"]["num_samples"], by_label["C"]["num_samples"]) == (
+        2,
+        2,
+        1,
+    )
+    assert by_label["A"]["prior"] == pytest.approx(0.5)  # the prior of the text (Eq. 4), not a sum
+    # Eq. 6 once per distinct terminal child: B (-1) and C (+1) and the leaf (0) -> root N 3 after sim 1,
+    # then sim 2 expands A: D (+1) and A itself (0) -> root N 5, Q = (-1 + 1 + 0 + 1 + 0) / 5.
+    assert by_label["root"]["visit_count"] == 5 and by_label["root"]["q_value"] == pytest.approx(0.2)
+    assert by_label["B"]["visit_count"] == 1
+    # Every sample's tokens still count as generated.
+    assert data["trees"][0]["num_tokens"] == backend.tokens_generated
+    # No pair has the same text on both sides; each rejected step differs from the chosen one.
+    assert all(p["chosen"] != p["rejected"] for p in data["pairs"])
 
 
 def test_trees_advance_in_lock_step(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from svpo_trl.search.pairs import extract_preference_pairs, question_preference_pairs, value_rows
+import pytest
+
+from svpo_trl.search.pairs import extract_preference_pairs, is_negative, question_preference_pairs, value_rows
 from svpo_trl.search.tree import Tree
 
 
@@ -28,6 +30,22 @@ def mixed_tree():
     _node(t, b, "b1;", q=-1.0, reward=-1.0)
     _node(t, b, "b2;", q=0.0)
     return t  # node ids: root 0, a 1, b 2, c 3, a1 4, a2 5, b1 6, b2 7
+
+
+def evidence_tree():
+    """root ─ a (correct) ─ a1 (+1); siblings of a: u (never visited: N 0, Q 0), e (expanded once, all
+    children non-terminal: N 1, Q 0), r (refuted: N 3, Q -1/3), w (a wrong answer, -1)."""
+    t = Tree("P:")
+    a = _node(t, t.root, "a;", q=1.0)
+    a.visit_count = 1
+    _node(t, a, "a1;", q=1.0, reward=1.0)
+    _node(t, t.root, "u;")
+    e = _node(t, t.root, "e;")
+    e.visit_count = 1
+    r = _node(t, t.root, "r;", q=-1 / 3)
+    r.visit_count = 3
+    _node(t, t.root, "w;", q=-1.0, reward=-1.0)
+    return t  # ids: root 0, a 1, a1 2, u 3, e 4, r 5, w 6
 
 
 def _edges(pairs):
@@ -132,3 +150,33 @@ def test_value_rows_one_per_distinct_terminal_path():
     assert [r["step_values"] for r in rows] == [[-1.0], [0.5, 1.0], [0.5, -1.0], [-0.5, -1.0]]
     assert [r["correct"] for r in rows] == [False, True, False, False]
     assert rows[1]["id"] == "q/0/4" and rows[1]["prompt"] == "P:"
+
+
+@pytest.mark.parametrize(
+    ("rule", "rejected"),
+    [("all", {3, 4, 5, 6}), ("explored", {4, 5, 6}), ("refuted", {5, 6})],
+)
+def test_negative_rules_decide_which_siblings_are_rejected(rule, rejected):
+    tree = evidence_tree()
+    tree.label_correct()
+    assert {n.node_id for n in tree.nodes if is_negative(n, rule)} == rejected
+    pairs = extract_preference_pairs(tree, num_sibling=10, num_cousin=0, num_terminal=0, negatives=rule)
+    assert {p["rejected_node_id"] for p in pairs if p["chosen_node_id"] == 1} == rejected
+
+
+def test_unknown_negative_rule_is_refused():
+    with pytest.raises(ValueError, match="negatives"):
+        extract_preference_pairs(evidence_tree(), negatives="unvisited")
+
+
+def test_no_pair_prefers_a_step_to_itself():
+    # Trees written before identical samples were merged hold duplicate siblings: the unvisited copy of the
+    # chosen step is not correct, but it is the same step and must never be its negative.
+    t = Tree("P:")
+    a = _node(t, t.root, "a;", q=1.0)
+    _node(t, a, "a1;", q=1.0, reward=1.0)
+    _node(t, t.root, "a;")  # the duplicate, never visited
+    _node(t, t.root, "b;", q=-1.0, reward=-1.0)
+    pairs = extract_preference_pairs(t, num_sibling=10, num_cousin=10, num_terminal=10, negatives="all")
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert {p["rejected"] for p in pairs if p["chosen"] == "a;"} == {"b;"}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from svpo_trl.search.tree import NODE_FIELDS, Tree
+from svpo_trl.search.tree import NODE_FIELDS, OPTIONAL_NODE_FIELDS, Tree
 
 
 def _tree_with_children(priors):
@@ -89,10 +89,13 @@ def test_round_trip_through_node_rows():
     tree.backup(a, 0.0)
     tree.label_correct()
     rows = tree.to_nodes()
-    assert set(rows[0]) == set(NODE_FIELDS)
+    assert set(rows[0]) == set(NODE_FIELDS) | set(OPTIONAL_NODE_FIELDS)
     assert rows[0]["parent_id"] == -1 and rows[0]["text"] == ""
     rebuilt = Tree.from_nodes("P:", rows)
     assert rebuilt.to_nodes() == rows
+    # Rows written before num_samples existed load with its default (one sample per child).
+    old = [{k: v for k, v in row.items() if k != "num_samples"} for row in rows]
+    assert Tree.from_nodes("P:", old).to_nodes() == rows
     assert rebuilt[1].children == [2] and rebuilt.partial_solution(rebuilt[2]) == "A;B;"
     assert math.isclose(rebuilt[1].q_value, 0.5)
 

@@ -6,7 +6,9 @@ One simulation of a tree is:
 - **selection**: PUCT (Eq. 4) from the root to an unexpanded non-terminal node; terminal children
   are never selected, ties go to the child created first (see :meth:`Tree.select_child`);
 - **expansion**: ``num_children`` next steps sampled by the `StepSampler` (code executed);
-  a step at depth ``max_depth`` is terminal;
+  identical step texts become one child (AlphaMath keeps one child per distinct step), which
+  records how many samples it stands for in ``num_samples``; a step at depth ``max_depth`` is
+  terminal;
 - **evaluation** (Eq. 5, a one-step rollout reusing the children): a terminal child gets R = +1
   when its final answer is equivalent to the gold answer, else -1 (unanswered, malformed and
   depth-cut steps are wrong); the expanded leaf gets V = 0, or the value head's estimate when
@@ -42,7 +44,7 @@ from typing import Any
 
 from ..distributed import ProcessShard
 from ..steps import DEFAULT_FORMAT, StepFormat
-from .pairs import PAIR_TYPES, question_preference_pairs, value_rows
+from .pairs import NEGATIVE_RULES, PAIR_TYPES, question_preference_pairs, value_rows
 from .sampler import StepSampler
 from .tree import Node, Tree
 
@@ -64,6 +66,7 @@ _RESULT_FIELDS = (
     "num_cousin_pairs",
     "num_terminal_pairs",
     "borrow_negatives",
+    "negatives",
     "seed",
 )
 
@@ -130,6 +133,14 @@ class MCTSConfig:
             "help": "Algorithm 1 line 22: borrow an incorrect terminal from another tree of the question."
         },
     )
+    negatives: str = field(
+        default="refuted",
+        metadata={
+            "help": "Which non-correct nodes Algorithm 1 may reject: all (the paper as written, unvisited "
+            "nodes included), explored (visited: N >= 1), refuted (Q < 0: a wrong answer below and no right "
+            "one). Default refuted: measured on the toy task, unvisited siblings are often right steps."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seeds every random choice of the annotation."})
     output_dir: str | None = field(default=None, metadata={"help": "Where shards, datasets and summary go."})
     push_to_hub: str | None = field(
@@ -159,6 +170,8 @@ class MCTSConfig:
                 raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_simulations < 1:
             raise ValueError(f"MCTSConfig.max_simulations must be >= 1, got {self.max_simulations}")
+        if self.negatives not in NEGATIVE_RULES:
+            raise ValueError(f"MCTSConfig.negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
 
@@ -229,6 +242,7 @@ def _node_features():
         "final_answer": Value("string"),
         "reward": Value("float64"),
         "correct": Value("bool"),
+        "num_samples": Value("int64"),
     }
 
 
@@ -279,6 +293,22 @@ def _to_dataset(rows: list[dict[str, Any]], features):
     from datasets import Dataset
 
     return Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
+
+
+def _distinct_steps(steps: list) -> list[list]:
+    """The expansion's samples grouped by step text, in order of first appearance.
+
+    One child per distinct step: duplicates as separate children made 46% of all children on the toy
+    task, let a pair prefer a step to itself, and spread PUCT's visits over copies (a breadth-first
+    search that never got deeper than depth 3). The child keeps the first sample's prior: the prior
+    (Eq. 4, mean token probability under the raw policy) is a function of the text, so every copy
+    has the same one (up to a rare other tokenization of the same text); how many samples agreed is kept in ``num_samples`` and is not added to it,
+    so PUCT stays Eq. 4 exactly.
+    """
+    groups: dict[str, list] = {}
+    for step in steps:
+        groups.setdefault(step.text, []).append(step)
+    return list(groups.values())
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -512,8 +542,10 @@ class MCTSAnnotator:
         tree = run.tree
         assert tree is not None
         terminals = []
-        for step in steps:
-            child = tree.add_child(leaf, step)
+        for same in _distinct_steps(steps):
+            child = tree.add_child(
+                leaf, same[0], num_tokens=sum(s.num_tokens for s in same), num_samples=len(same)
+            )
             if child.depth >= self.config.max_depth:
                 child.is_terminal = True
             if child.is_terminal:
@@ -661,6 +693,7 @@ class MCTSAnnotator:
                 num_cousin=config.num_cousin_pairs,
                 num_terminal=config.num_terminal_pairs,
                 borrow_negatives=config.borrow_negatives,
+                negatives=config.negatives,
             )
             pair_rows.extend(question_pairs)
             positives.update((problem.position, p["tree_index"], p["chosen_node_id"]) for p in question_pairs)

@@ -12,8 +12,19 @@ Algorithm 1, per tree:
 3. (line 22, optional) when a layer finds no negative at all, borrow an incorrect terminal from
    another tree of the same question.
 
-A tree without a correct terminal gives no pairs. "Non-correct" is the paper's notion: any node
-not labeled correct, explored or not.
+A tree without a correct terminal gives no pairs. Which non-correct nodes may be negatives is
+``negatives`` (:data:`NEGATIVE_RULES`):
+
+- ``"all"``: any node not labeled correct, explored or not (Algorithm 1 as written);
+- ``"explored"``: a non-correct node the search visited (N >= 1): a terminal, or a node that was
+  expanded and whose subtree produced no correct answer;
+- ``"refuted"``: a non-correct node with Q < 0: a wrong terminal, or a node whose subtree search
+  found wrong answers and no right one.
+
+A never-visited child has Q = 0 and N = 0: nothing is known about it except that it was sampled,
+and §3.1 prefers "the step with the larger Q-value". Labelled against the toy task's gold steps,
+such negatives are often right steps (see the README's annotation section for the measurement).
+No pair ever has the same text on both sides.
 """
 
 from __future__ import annotations
@@ -25,6 +36,20 @@ from typing import Any
 from .tree import Node, Tree
 
 PAIR_TYPES = ("sibling", "cousin", "terminal")
+NEGATIVE_RULES = ("all", "explored", "refuted")
+
+
+def is_negative(node: Node, rule: str) -> bool:
+    """Whether a node may be the rejected side of a pair under ``rule`` (see the module docstring)."""
+    if node.correct:
+        return False
+    if rule == "all":
+        return True
+    if rule == "explored":
+        return node.visit_count > 0
+    if rule == "refuted":
+        return node.visit_count > 0 and node.value_label < 0
+    raise ValueError(f"unknown negatives rule {rule!r}: expected one of {NEGATIVE_RULES}")
 
 
 def _pair_row(
@@ -71,6 +96,7 @@ def extract_preference_pairs(
     rng: random.Random | None = None,
     other_trees: Sequence[tuple[int, Tree]] = (),
     borrow_negatives: bool = False,
+    negatives: str = "all",
 ) -> list[dict[str, Any]]:
     """Algorithm 1 on one tree: step-level preference pairs as rows of the ``pairs`` dataset.
 
@@ -86,6 +112,8 @@ def extract_preference_pairs(
         borrow_negatives: line 22 of Algorithm 1: when a layer finds no negative, pair the chosen
             node with a random incorrect terminal of another tree (typed ``"terminal"`` or, at the
             same depth, ``"cousin"``; ``rejected_tree_index`` names its tree).
+        negatives: which non-correct nodes may be rejected: ``"all"``, ``"explored"`` or
+            ``"refuted"`` (see :func:`is_negative`).
 
     Returns:
         Rows with ``id, prompt, chosen, rejected, chosen_value, rejected_value, pair_type,
@@ -93,6 +121,8 @@ def extract_preference_pairs(
         Eq. 7 label (Q, or R on terminals).
     """
     rng = rng if rng is not None else random.Random(0)
+    if negatives not in NEGATIVE_RULES:
+        raise ValueError(f"unknown negatives rule {negatives!r}: expected one of {NEGATIVE_RULES}")
     tree.label_correct()
     if not tree.root.correct:
         return []
@@ -103,11 +133,16 @@ def extract_preference_pairs(
         if not correct_children:
             break
         chosen = max(correct_children, key=lambda c: (c.q_value, -c.node_id))
-        siblings = [c for c in tree.children(node) if not c.correct]
+        chosen_text = tree.partial_solution(chosen)
+
+        def negative(n: Node, chosen_text: str = chosen_text) -> bool:
+            return is_negative(n, negatives) and tree.partial_solution(n) != chosen_text
+
+        siblings = [c for c in tree.children(node) if negative(c)]
         cousins = [
-            n for n in tree.nodes_at_depth(chosen.depth) if not n.correct and n.parent_id != node.node_id
+            n for n in tree.nodes_at_depth(chosen.depth) if n.parent_id != node.node_id and negative(n)
         ]
-        terminals = [n for n in tree.terminals() if not n.correct and n.depth != chosen.depth]
+        terminals = [n for n in tree.terminals() if n.depth != chosen.depth and negative(n)]
         found = 0
         for pair_type, candidates, k in (
             ("sibling", siblings, num_sibling),
@@ -123,7 +158,7 @@ def extract_preference_pairs(
                 for index, other in other_trees
                 if other is not tree
                 for n in other.terminals()
-                if n.reward is not None and n.reward <= 0
+                if n.reward is not None and n.reward <= 0 and other.partial_solution(n) != chosen_text
             ]
             if borrowed:
                 index, other, rejected = borrowed[rng.randrange(len(borrowed))]
@@ -144,6 +179,7 @@ def question_preference_pairs(
     num_cousin: int = 1,
     num_terminal: int = 1,
     borrow_negatives: bool = False,
+    negatives: str = "all",
 ) -> list[dict[str, Any]]:
     """Algorithm 1 over all trees of one question, in tree order, sharing one seeded ``rng``."""
     indexed = list(enumerate(trees))
@@ -160,6 +196,7 @@ def question_preference_pairs(
                 rng=rng,
                 other_trees=indexed,
                 borrow_negatives=borrow_negatives,
+                negatives=negatives,
             )
         )
     return pairs

@@ -32,13 +32,16 @@ NODE_FIELDS = (
     "reward",
     "correct",
 )
+OPTIONAL_NODE_FIELDS = {"num_samples": 1}
+"""Node fields added after the first release, with the value a row written without them stands for."""
 
 
 @dataclass
 class Node:
     """One node of a search tree: the state reached by taking ``step`` from the parent's state.
 
-    ``reward`` is R of Eq. 5 (+1 / -1) on terminal nodes and None elsewhere. ``correct`` is the
+    ``num_samples`` is how many of the expansion's samples had exactly this step text: identical
+    samples become one child (as in AlphaMath), so siblings always differ. ``reward`` is R of Eq. 5 (+1 / -1) on terminal nodes and None elsewhere. ``correct`` is the
     Algorithm 1 label (lines 2-4: on a path from the root to a correct terminal), filled by
     :meth:`Tree.label_correct`. ``exhausted`` (search time only) marks a node whose subtree has no
     selectable leaf left: it is terminal, or expanded with every child exhausted.
@@ -55,6 +58,7 @@ class Node:
     final_answer: str | None = None
     reward: float | None = None
     correct: bool | None = None
+    num_samples: int = 1
     num_tokens: int = 0
     step: Step | None = None
     children: list[int] = field(default_factory=list)
@@ -82,6 +86,7 @@ class Node:
             "final_answer": self.final_answer,
             "reward": None if self.reward is None else float(self.reward),
             "correct": self.correct,
+            "num_samples": int(self.num_samples),
         }
 
 
@@ -156,6 +161,7 @@ class Tree:
         is_terminal: bool | None = None,
         final_answer: str | None = None,
         num_tokens: int | None = None,
+        num_samples: int = 1,
     ) -> Node:
         """A new child of ``parent`` holding ``step`` (or the given fields, for hand-built trees)."""
         node = Node(
@@ -169,6 +175,7 @@ class Tree:
             ),
             final_answer=final_answer if final_answer is not None else (step.final_answer if step else None),
             num_tokens=int(num_tokens if num_tokens is not None else (step.num_tokens if step else 0)),
+            num_samples=num_samples,
             step=step,
         )
         self.nodes.append(node)
@@ -277,6 +284,7 @@ class Tree:
                     final_answer=row["final_answer"],
                     reward=None if row["reward"] is None else float(row["reward"]),
                     correct=row["correct"],
+                    num_samples=int(row.get("num_samples") or OPTIONAL_NODE_FIELDS["num_samples"]),
                 )
             )
         for node in nodes[1:]:
