@@ -297,7 +297,7 @@ def _reference_terms(trainer: SVPOTrainer, batch: dict) -> dict[str, torch.Tenso
     chosen_mask = mask.chunk(2)[0]
     terms["sft"] = -(token_logps.chunk(2)[0] * chosen_mask).sum() / chosen_mask.sum()
     terms["mse"] = value_mse(values, batch["value_labels"]).mean()
-    terms["values/accuracy"] = (vc > vl).float().mean()
+    terms["values/accuracy"] = ((vc > vl).float() + 0.5 * (vc == vl).float()).mean()
     terms["rewards/accuracies"] = ((pc - rc) > (pl - rl)).float().mean()
     return terms
 

@@ -15,9 +15,9 @@ from svpo_trl.tokenization import tokenize_solution
 from svpo_trl.toy import tiny_llama
 from svpo_trl.trainer.data_utils import ValueSFTCollator, tokenize_values_dataset
 from svpo_trl.trainer.value_sft_config import ValueSFTConfig
-from svpo_trl.trainer.value_sft_trainer import ValueSFTTrainer
+from svpo_trl.trainer.value_sft_trainer import ValueSFTTrainer, value_ranking_accuracy
 
-from conftest import FIGURE5_QUESTION, FIGURE5_STEPS, count_forwards
+from conftest import FIGURE5_QUESTION, FIGURE5_STEPS, count_forwards, randomize_value_head
 
 PROMPT = DEFAULT_FORMAT.prompt(FIGURE5_QUESTION)
 CODE_STEP, ANSWER_STEP = FIGURE5_STEPS
@@ -156,8 +156,8 @@ def test_trains_every_parameter_and_logs_hand_computed_terms(tiny_model, tiny_to
     assert first["nll"] == pytest.approx(expected["nll"], rel=1e-5)
     assert first["mse"] == pytest.approx(expected["mse"], rel=1e-5)
     assert first["loss"] == pytest.approx(expected["nll"] + 0.5 * expected["mse"], rel=1e-5)
-    # Sign accuracy over the non-zero labels (4 of the 5 step ends), by hand
-    assert first["value_sign_accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}
+    # A new head is V = 0 everywhere: every pair of differently labelled step ends is a tie
+    assert first["value_ranking_accuracy"] == pytest.approx(0.5)
     for entry in trainer.state.log_history[:-1]:
         assert torch.isfinite(torch.tensor(entry["loss"]))
 
@@ -166,24 +166,30 @@ def test_trains_every_parameter_and_logs_hand_computed_terms(tiny_model, tiny_to
         assert not torch.equal(param, before[name]), f"{name} did not move"
 
 
-def test_sign_accuracy_by_hand(tiny_model, tiny_tokenizer, dataset, tmp_path):
-    model = ValueHeadForCausalLM.from_causal_lm(tiny_model)
-    with torch.no_grad():  # V ≡ tanh(0.5) > 0 everywhere: right on the two positive labels of four non-zero
-        model.v_head.weight.zero_()
-        model.v_head.bias.fill_(0.5)
+def test_ranking_accuracy_by_hand(tiny_model, tiny_tokenizer, dataset, tmp_path):
+    model = randomize_value_head(ValueHeadForCausalLM.from_causal_lm(tiny_model))
     trainer = ValueSFTTrainer(
         model,
         config(tmp_path, per_device_eval_batch_size=2),
         eval_dataset=dataset,
         processing_class=tiny_tokenizer,
     )
-    metrics = trainer.evaluate()  # two micro-batches: metrics are averaged over them
-    v = torch.tanh(torch.tensor(0.5)).item()
-    # batch 1: labels [.6, 1] + [0, -1]: right on 2 of the 3 non-zero; batch 2: [-.4]: wrong
-    assert metrics["eval_value_sign_accuracy"] == pytest.approx((2 / 3 + 0) / 2)
-    first = [0.6, 1.0, 0.0, -1.0]
-    expected_mse = (sum((v - y) ** 2 for y in first) / 4 + (v + 0.4) ** 2) / 2
-    assert metrics["eval_mse"] == pytest.approx(expected_mse, rel=1e-5)
+    metrics = trainer.evaluate()  # two micro-batches (rows 1-2, row 3): the metric is per micro-batch
+    values = []
+    with torch.no_grad():
+        for row in ROWS[:2]:
+            complete = DEFAULT_FORMAT.parse(row["steps"][-1]).kind == "answer"
+            tok = tokenize_solution(tiny_tokenizer, row["prompt"], row["steps"], add_eos=complete)
+            out = model(torch.tensor([tok.input_ids]))
+            values += [(out.values[0, end].item(), y) for end, y in zip(tok.step_ends, row["step_values"])]
+    pairs = [(a, b) for a in values for b in values if a[1] > b[1]]  # labels .6, 1, 0, -1: 6 ordered pairs
+    wins = sum(1.0 if a[0] > b[0] else 0.5 if a[0] == b[0] else 0.0 for a, b in pairs)
+    # The second micro-batch has one step end: no pair, no entry, so the mean is the first batch's
+    assert len(pairs) == 6 and metrics["eval_value_ranking_accuracy"] == pytest.approx(wins / 6)
+    assert value_ranking_accuracy(
+        torch.tensor([[0.1, 0.9, -0.5]]), torch.tensor([[1.0, -1.0, -1.0]]), torch.tensor([[1, 1, 1]])
+    ) == pytest.approx(0.5)  # 1 > -1: right against -0.5, wrong against 0.9
+    assert torch.isnan(value_ranking_accuracy(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2)))
 
 
 def test_gradient_accumulation_normalises_nll_over_the_whole_batch(tiny_model, tiny_tokenizer, tmp_path):

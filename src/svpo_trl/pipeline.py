@@ -161,6 +161,24 @@ class EvaluateArguments(SearchBackendArguments):
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
+    value_diagnostic: bool = field(
+        default=False,
+        metadata={
+            "help": "Also judge the value head on each dataset: within-group ranking accuracy of V and of the "
+            "policy's prior over B2 sampled steps per state, top-1 hit rates, and the oracle ceiling of SBS."
+        },
+    )
+    value_diagnostic_labels: str = field(
+        default="auto",
+        metadata={"help": "Step labels: gold (toy task), rollout (Monte Carlo), or auto (gold on the toy)."},
+    )
+    value_diagnostic_samples: int = field(default=5, metadata={"help": "B2 of the diagnostic's SBS."})
+    value_diagnostic_rollouts: int = field(
+        default=4, metadata={"help": "Rollouts per candidate step with rollout labels."}
+    )
+    value_diagnostic_limit: int | None = field(
+        default=None, metadata={"help": "Diagnose only the first N problems (rollouts are costly)."}
+    )
     resume: bool = field(
         default=True,
         metadata={"help": "Skip problems already recorded in the .part-* files of an interrupted run."},
@@ -372,6 +390,10 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
         with open(summary_path) as handle:
             summary = json.load(handle)
         summary["solution_pairs"] = len(data["solution_pairs"])
+        if script_args.dataset_name.split(":")[0] == "toy":
+            summary["label_quality"] = _toy_label_quality(problems, data, output_dir)
+        with open(summary_path, "w") as handle:  # the annotation report reads these too
+            json.dump(summary, handle, indent=2)
         mark_stage_done(output_dir, "annotate", {"script": script_args, "mcts": mcts_config}, summary)
         if script_args.hub_dataset_id:
             for name, dataset in data.items():
@@ -380,6 +402,29 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
     shard.barrier()
     with open(os.path.join(output_dir, STAGE_MARKER)) as handle:
         return json.load(handle)["results"]
+
+
+def _toy_label_quality(problems, data, output_dir: str) -> dict[str, Any]:
+    """On the toy task every step's truth is known: the precision of the pairs' labels and the search's reach,
+    printed and written to ``label_quality.json``."""
+    from .search.label_quality import annotation_label_quality, format_label_quality
+    from .toy.oracle import ToyStepOracle
+
+    quality = annotation_label_quality(
+        ToyStepOracle(problems),
+        data["trees"],
+        {"pairs": data["pairs"], "solution_pairs": data["solution_pairs"]},
+    )
+    with open(os.path.join(output_dir, "label_quality.json"), "w") as handle:
+        json.dump(quality, handle, indent=2)
+    precision = {**quality["precision"]["pairs"]}
+    if "all" in quality["precision"]["solution_pairs"]:
+        precision["solution"] = quality["precision"]["solution_pairs"]["all"]
+    print(
+        "[annotate] label precision against the toy task's gold steps:\n"
+        + format_label_quality(precision, quality["reach"])
+    )
+    return quality
 
 
 def _train_and_save(trainer, tokenizer, stage: str, script_args, **results: Any) -> dict[str, Any]:
@@ -500,6 +545,10 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             if shard.is_main:
                 accuracy = 100 * result.metrics["accuracy"]
                 print(f"[evaluate] {system} {strategy.label} on {label}: {accuracy:.1f}%")
+        if args.value_diagnostic and shard.is_main:
+            _run_value_diagnostic(
+                args, backend, problems, os.path.join(args.output_dir, f"{_slug(system)}__{label}")
+            )
     if shard.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
@@ -508,6 +557,36 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             handle.write(results_table(rows) + "\n")
     shard.barrier()
     return rows
+
+
+def _run_value_diagnostic(args: EvaluateArguments, backend, problems, prefix: str) -> dict[str, Any]:
+    """The value diagnostic of one dataset: ``<prefix>__value_diagnostic.{json,jsonl}``, printed too."""
+    from .value_diagnostic import format_value_diagnostic, has_trained_value_head, value_diagnostic
+
+    if args.value_diagnostic_limit is not None:
+        problems = problems.select(range(min(args.value_diagnostic_limit, len(problems))))
+    use_value = has_trained_value_head(backend)
+    if not use_value:
+        print(
+            f"[evaluate] {args.model_name_or_path} has no trained value head: the diagnostic reports the prior"
+        )
+    result = value_diagnostic(
+        backend,
+        problems,
+        args.value_diagnostic_labels,
+        num_samples=args.value_diagnostic_samples,
+        temperature=args.sbs_temperature if args.sbs_temperature is not None else 0.6,
+        max_depth=args.max_depth,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        use_value=use_value,
+        num_rollouts=args.value_diagnostic_rollouts,
+        output_jsonl=f"{prefix}__value_diagnostic.jsonl",
+    )
+    with open(f"{prefix}__value_diagnostic.json", "w") as handle:
+        json.dump(result.metrics, handle, indent=2)
+    print(f"[evaluate] {format_value_diagnostic(result.metrics)}")
+    return result.metrics
 
 
 # ---------------------------------------------------------------------------- the whole pipeline

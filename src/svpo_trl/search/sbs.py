@@ -10,6 +10,7 @@ shrinks by one; the answer is the best-valued finished solution. Greedy decoding
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,14 @@ class SBSResult:
     candidates: list[dict] = field(default_factory=list)
 
 
+Ranker = Callable[[list[int], list[State], list[float | None]], list[float]]
+"""``ranker(owners, candidates, values) -> scores``: one score per candidate state (higher is better).
+
+``owners[i]`` is the index (in the searched batch) of the question ``candidates[i]`` belongs to and
+``values[i]`` its value-head estimate (None without ``use_value``). Called once per round with every
+candidate of every question, so a ranker can batch its own work (e.g. oracle labels, rollouts)."""
+
+
 @dataclass
 class _Beam:
     state: State
@@ -123,31 +132,49 @@ class SBSGenerator:
         self.progress = progress
         self.value_calls = 0
 
-    def generate(self, questions: list[str]) -> list[SBSResult]:
-        """Solve every question; one result per question, in order."""
+    def generate(self, questions: list[str], *, ranker: Ranker | None = None) -> list[SBSResult]:
+        """Solve every question; one result per question, in order.
+
+        ``ranker`` replaces the ranking score (value, or prior without ``use_value``): the value
+        diagnostic ranks by oracle labels to measure what a perfect ranker would reach.
+        """
         for i, q in enumerate(questions):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"questions[{i}] must be a non-empty string, got {q!r}")
+        states = [State(self.step_format.prompt(q)) for q in questions]
+        return self._search(states, questions, ranker)
+
+    def search(self, states: list[State], *, ranker: Ranker | None = None) -> list[SBSResult]:
+        """Continue every state until it is terminal or ``max_depth`` steps deep; one result per state.
+
+        :meth:`generate` starts from the questions' prompts; a state that already has steps (a rollout
+        from a candidate step, say) keeps them in its result. A terminal state, or one already
+        ``max_depth`` steps deep, is its own result. ``question`` of a result is the state's prompt.
+        """
+        return self._search(states, [s.prompt for s in states], ranker)
+
+    def _search(self, states: list[State], questions: list[str], ranker: Ranker | None) -> list[SBSResult]:
         cfg = self.config
-        live = [[_Beam(State(self.step_format.prompt(q)), 0.0, None)] for q in questions]
-        width = [cfg.beam_width] * len(questions)
-        finished: list[list[_Beam]] = [[] for _ in questions]
-        tokens = [0] * len(questions)
+        done = [s.is_terminal or s.depth >= cfg.max_depth for s in states]
+        live = [[] if d else [_Beam(s, 0.0, None)] for s, d in zip(states, done)]
+        finished: list[list[_Beam]] = [[_Beam(s, 0.0, None)] if d else [] for s, d in zip(states, done)]
+        width = [cfg.beam_width] * len(states)
+        tokens = [0] * len(states)
 
         rounds = range(cfg.max_depth)
         if self.progress:
             from tqdm.auto import tqdm
 
             rounds = tqdm(rounds, desc="SBS rounds", unit="round")
-        for depth in rounds:
+        for _ in rounds:
             owners = [q for q, beams in enumerate(live) for _ in beams]
             if not owners:
                 break
-            states = [beam.state for beams in live for beam in beams]
-            next_steps = self.sampler.next_steps(states, n=cfg.num_samples, temperature=cfg.temperature)
+            parents = [beam.state for beams in live for beam in beams]
+            next_steps = self.sampler.next_steps(parents, n=cfg.num_samples, temperature=cfg.temperature)
 
-            candidates: list[list[State]] = [[] for _ in questions]
-            for q, state, steps in zip(owners, states, next_steps):
+            candidates: list[list[State]] = [[] for _ in states]
+            for q, state, steps in zip(owners, parents, next_steps):
                 for step in steps:
                     tokens[q] += step.num_tokens
                     candidates[q].append(state.child(step))
@@ -157,15 +184,20 @@ class SBSGenerator:
                 ]
             flat = [c for cands in candidates for c in cands]
             values = self._values([c.text for c in flat]) if cfg.use_value else [None] * len(flat)
+            if ranker is not None:
+                flat_owners = [q for q, cands in enumerate(candidates) for _ in cands]
+                scores = [float(s) for s in ranker(flat_owners, flat, values)]
+                if len(scores) != len(flat):
+                    raise RuntimeError(f"ranker returned {len(scores)} scores for {len(flat)} candidates")
+            else:
+                scores = [v if v is not None else c.steps[-1].prior for c, v in zip(flat, values)]
 
             cursor = 0
             for q, cands in enumerate(candidates):
                 scored = []
                 for c in cands:
-                    value = values[cursor]
+                    scored.append(_Beam(c, scores[cursor], values[cursor]))
                     cursor += 1
-                    score = value if value is not None else c.steps[-1].prior
-                    scored.append(_Beam(c, score, value))
                 # A malformed candidate is terminal and known to be wrong: it never takes a beam slot from a
                 # well-formed one, whatever its value (a top-valued off-format step used to end the search
                 # with no answer). Stable sort: ties keep sampling order, so results are reproducible.
@@ -175,11 +207,14 @@ class SBSGenerator:
                     if beam.state.is_terminal:
                         finished[q].append(beam)
                         width[q] -= 1
-                    elif depth + 1 >= cfg.max_depth:
+                    elif beam.state.depth >= cfg.max_depth:
                         finished[q].append(beam)
                     else:
                         live[q].append(beam)
-        return [self._result(question, finished[i], tokens[i]) for i, question in enumerate(questions)]
+        return [
+            self._result(state, question, beams, n)
+            for state, question, beams, n in zip(states, questions, finished, tokens)
+        ]
 
     def _values(self, texts: list[str]) -> list[float]:
         if not texts:
@@ -190,11 +225,16 @@ class SBSGenerator:
             raise RuntimeError(f"backend.values returned {len(values)} values for {len(texts)} texts")
         return [float(v) for v in values]
 
-    def _result(self, question: str, finished: list[_Beam], num_tokens: int) -> SBSResult:
+    def _result(self, start: State, question: str, finished: list[_Beam], num_tokens: int) -> SBSResult:
         # Best-valued finished solution; one with a final answer beats one without (a malformed or
         # depth-capped path cannot be right), as AlphaMath only answers from final-answer nodes.
-        best = max(finished, key=lambda b: (b.state.steps[-1].final_answer is not None, b.score))
+        best = max(
+            finished or [_Beam(start, 0.0, None)],
+            key=lambda b: (bool(b.state.steps) and b.state.steps[-1].final_answer is not None, b.score),
+        )
         steps = best.state.steps
+        if not steps:  # max_depth 0 steps away, or nothing came back: no solution at all
+            return SBSResult(question, "", [], None, None, num_tokens, False, [])
         return SBSResult(
             question=question,
             solution="".join(s.text for s in steps),

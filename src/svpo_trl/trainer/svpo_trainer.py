@@ -30,7 +30,8 @@ the fused LM head, logging, saving — is TRL's):
 
 - **Metrics** (TRL's ``_metrics``, so ``report_to`` gets them): ``loss/dpo``, ``loss/margin``,
   ``loss/regularization``, ``loss/sft``, ``loss/mse`` (unweighted batch means), ``values/chosen``,
-  ``values/rejected``, ``values/margins``, ``values/accuracy`` (share of pairs with V_c > V_l), plus TRL's
+  ``values/rejected``, ``values/margins``, ``values/accuracy`` (the value head's pairwise ranking accuracy: share of pairs with V_c > V_l, ties
+  half), plus TRL's
   ``rewards/*`` (``rewards/accuracies`` is the implicit-reward accuracy), ``logps/*``, ``logits/*``,
   ``entropy``, ``mean_token_accuracy``, ``num_tokens``.
 """
@@ -471,7 +472,12 @@ class SVPOTrainer(DPOTrainer):
         metrics["values/chosen"].append(gather(chosen_values).mean().item())
         metrics["values/rejected"].append(gather(rejected_values).mean().item())
         metrics["values/margins"].append(gather(value_margin(chosen_values, rejected_values)).mean().item())
-        metrics["values/accuracy"].append(gather((chosen_values > rejected_values).float()).mean().item())
+        # Pairwise ranking accuracy of the value head on this batch's labelled pairs (ties half: a new head
+        # is V = 0 everywhere and scores 0.5, chance, not 0)
+        agreement = (chosen_values > rejected_values).float() + 0.5 * (
+            chosen_values == rejected_values
+        ).float()
+        metrics["values/accuracy"].append(gather(agreement).mean().item())
 
         chosen_rewards, rejected_rewards = tensors["chosen_rewards"], tensors["rejected_rewards"]
         metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())

@@ -14,7 +14,9 @@ computed in tiles without the ``(B, T, vocab)`` logits, and the values come from
 :attr:`ValueHeadForCausalLM.last_values`.
 
 Metrics (per logging window, averaged over micro-batches and processes): ``nll``, ``mse``,
-``value_sign_accuracy`` (fraction of step ends with a non-zero label whose V has the label's sign).
+``value_ranking_accuracy``: over every pair of step ends in the micro-batch whose labels differ, how often
+V orders them as the labels do (ties half; 0.5 is chance). A sign accuracy would say little: with most
+labels negative, a head that outputs -0.1 everywhere scores the share of negative labels.
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ from .value_sft_config import ValueSFTConfig
 from .zero3 import warn_if_save_has_no_weights
 
 
+def value_ranking_accuracy(values: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pairwise ranking accuracy of V against its labels (for ±1 labels, the AUC).
+
+    Over every pair (i, j) of real entries with ``labels[i] > labels[j]``, the share with
+    ``values[i] > values[j]``, ties counting half. NaN when all labels are equal.
+    """
+    v, y = values[mask.bool()].float(), labels[mask.bool()].float()
+    higher = y[:, None] > y[None, :]
+    if not higher.any():
+        return torch.tensor(float("nan"), device=values.device)
+    wins = (v[:, None] > v[None, :]).float() + 0.5 * (v[:, None] == v[None, :]).float()
+    return (wins * higher).sum() / higher.sum()
+
+
 def value_sft_terms(
     log_probs: torch.Tensor,
     label_mask: torch.Tensor,
@@ -54,7 +70,7 @@ def value_sft_terms(
 
     Returns:
         ``nll`` (mean over covered tokens; 0 with none), ``mse`` (mean over real step ends; 0 with none),
-        ``value_sign_accuracy`` (NaN when no label is non-zero), and the counts ``num_nll_tokens``,
+        ``value_ranking_accuracy`` (see :func:`value_ranking_accuracy`), and the counts ``num_nll_tokens``,
         ``num_steps``.
     """
     num_tokens = label_mask.sum()
@@ -63,15 +79,10 @@ def value_sft_terms(
     squared = value_mse(step_v, step_values)
     num_steps = step_mask.sum()
     mse = (squared * step_mask).sum() / num_steps.clamp(min=1)
-    signed = step_mask & (step_values != 0)
-    agree = (torch.sign(step_v) == torch.sign(step_values)) & signed
-    accuracy = (
-        agree.sum() / signed.sum() if signed.any() else torch.tensor(float("nan"), device=values.device)
-    )
     return {
         "nll": nll,
         "mse": mse,
-        "value_sign_accuracy": accuracy.detach(),
+        "value_ranking_accuracy": value_ranking_accuracy(step_v.detach(), step_values, step_mask),
         "num_nll_tokens": num_tokens,
         "num_steps": num_steps,
     }
@@ -243,7 +254,7 @@ class ValueSFTTrainer(Trainer):
         for name, value in (
             ("nll", nll),
             ("mse", mse),
-            ("value_sign_accuracy", terms["value_sign_accuracy"]),
+            ("value_ranking_accuracy", terms["value_ranking_accuracy"]),
         ):
             gathered = gather(value.float().reshape(1))
             if not torch.isnan(gathered).all():

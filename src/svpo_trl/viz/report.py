@@ -132,6 +132,8 @@ def annotation_statistics(annotation: Annotation) -> dict:
             else None,
         },
         "summary": annotation.summary or None,
+        "deepest_node": max((t["max_depth"] for t in per_tree), default=0),
+        "label_quality": (annotation.summary or {}).get("label_quality"),
     }
     return stats
 
@@ -332,10 +334,32 @@ def _markdown(stats: dict) -> str:
         cost = stats["cost"][key]
         if cost and cost["total"] is not None:
             lines.append(f"| {key} | {cost['total']:.6g} {unit} |")
+    lines.append(f"| deepest node | depth {stats['deepest_node']} |")
     lines.append("")
+    if stats.get("label_quality"):
+        lines += _label_quality_markdown(stats["label_quality"])
     for name, (title, _) in PLOTS.items():
         lines += [f"## {title}", "", f"![{title}]({stats['plots'][name]})", ""]
     return "\n".join(lines)
+
+
+def _label_quality_markdown(quality: dict) -> list[str]:
+    """The label precision of the pairs against gold step values (toy task) and what the search solved."""
+    from ..search.label_quality import format_label_quality
+
+    precision = dict(quality["precision"].get("pairs", {}))
+    solution = quality["precision"].get("solution_pairs", {})
+    if "all" in solution:
+        precision["solution"] = solution["all"]
+    return [
+        "## Label precision against the gold steps",
+        "",
+        "Share of chosen partial solutions that are on track and of rejected ones that are off track,",
+        "per pair type (`solution`: the DPO baseline's complete-solution pairs).",
+        "",
+        format_label_quality(precision, quality["reach"]),
+        "",
+    ]
 
 
 def _html(markdown_text: str, stats: dict, out_dir: Path) -> str:
