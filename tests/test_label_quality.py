@@ -13,13 +13,32 @@ from svpo_trl.toy.task import load_toy_problems
 
 @pytest.fixture(scope="module")
 def problem():
-    # "Ruby collected 13 flowers ... sells 6 ... loses 5 ... keeps one out of every 2": 13 -> 7 -> 2 -> 1
-    return dict(load_toy_problems("test", 1)[0])
+    # A toy problem written out by hand: 20 -> 15 -> 3 -> 7
+    steps = [
+        F.render_code_step("Start with 20 flowers. Subtract 5.", "flowers = 20 - 5\nprint(flowers)", "15"),
+        F.render_code_step("Divide by 5.", "flowers = flowers // 5\nprint(flowers)", "3"),
+        F.render_code_step("Add 4.", "flowers = flowers + 4\nprint(flowers)", "7"),
+        F.render_answer_step("Ruby ends with 7.", "7"),
+    ]
+    question = (
+        "Ruby has 20 flowers. She sells 5 of the flowers. She splits them into 5 equal piles and keeps one, "
+        "giving the rest away. She finds 4 more flowers. How many flowers does Ruby have now?"
+    )
+    return {"id": "toy-x", "question": question, "answer": "7", "solution": "".join(steps)}
 
 
 @pytest.fixture(scope="module")
 def oracle(problem):
     return ToyStepOracle([problem])
+
+
+def test_the_oracle_reads_real_toy_problems():
+    problems = load_toy_problems("test", 20)
+    oracle = ToyStepOracle(problems)
+    for row in problems:
+        steps = F.split_steps(row["solution"])
+        assert oracle.step_labels(row["question"], steps) == [True] * len(steps)
+        assert oracle.num_operations(row["question"]) == len(steps) - 1
 
 
 def step(output: str) -> str:
@@ -28,7 +47,7 @@ def step(output: str) -> str:
 
 def test_gold_solution_is_on_track_at_every_step(problem, oracle):
     steps = F.split_steps(problem["solution"])
-    assert [F.parse(s).output for s in steps[:-1]] == ["7", "2", "1"]
+    assert [F.parse(s).output for s in steps[:-1]] == ["15", "3", "7"]
     assert oracle.step_labels(problem["question"], steps) == [True] * 4
     assert oracle.on_track(F.prompt(problem["question"]), steps)  # the formatted prompt works as well
     assert oracle.num_operations(problem["question"]) == 3
@@ -37,17 +56,17 @@ def test_gold_solution_is_on_track_at_every_step(problem, oracle):
 
 def test_off_track_steps_and_what_stays_on_track(problem, oracle):
     q = problem["question"]
-    assert oracle.step_labels(q, [step("7"), step("3"), step("1")]) == [True, False, False]  # no recovery
-    assert oracle.step_labels(q, [step("2")]) == [True]  # two operations in one step: ahead on the chain
-    assert oracle.step_labels(q, [step("7"), step("7"), step("2")]) == [
+    assert oracle.step_labels(q, [step("15"), step("4"), step("7")]) == [True, False, False]  # no recovery
+    assert oracle.step_labels(q, [step("3")]) == [True]  # two operations in one step: ahead on the chain
+    assert oracle.step_labels(q, [step("15"), step("15"), step("3")]) == [
         True,
         True,
         True,
     ]  # a repeat is harmless
-    assert oracle.step_labels(q, [step("7"), step("13")]) == [True, False]  # back to an earlier value
+    assert oracle.step_labels(q, [step("15"), step("20")]) == [True, False]  # back to an earlier value
     assert oracle.step_labels(q, [step("ZeroDivisionError: division by zero")]) == [False]
-    assert oracle.step_labels(q, [F.render_answer_step("So", "1")]) == [True]
-    assert oracle.step_labels(q, [step("7"), F.render_answer_step("So", "2")]) == [True, False]
+    assert oracle.step_labels(q, [F.render_answer_step("So", "7")]) == [True]
+    assert oracle.step_labels(q, [step("15"), F.render_answer_step("So", "3")]) == [True, False]
     assert oracle.step_labels(q, ["not a step at all</step>\n"]) == [False]  # malformed
     with pytest.raises(KeyError, match="no toy problem"):
         oracle.step_labels("What is 1 + 1?", [])
@@ -63,7 +82,7 @@ def test_pair_label_precision_per_type(problem, oracle):
         {
             "prompt": prompt,
             "chosen": gold[0],
-            "rejected": step("2"),
+            "rejected": step("3"),
             "pair_type": "sibling",
         },  # rejected is right
         {

@@ -174,6 +174,12 @@ def test_each_recipe_in_order(setting):
     for name in ("trees", "pairs", "values", "solution_pairs"):
         assert (root / "annotation_mcts" / name / "dataset_info.json").exists(), name
     assert summary["problems"] == 2 and summary["trees"] == 2
+    # On the toy task the stage checks its own labels against the gold steps
+    quality = json.loads((root / "annotation_mcts" / "label_quality.json").read_text())
+    assert summary["label_quality"] == quality
+    assert set(quality["precision"]) == {"pairs", "solution_pairs"}
+    assert quality["reach"]["deepest"] <= 2 and sum(quality["reach"]["deepest_node_per_tree"].values()) == 2
+    assert sum(v["problems"] for v in quality["reach"]["solved_by_operations"].values()) == 2
 
     value_sft.main(["--config", config])
     marker = json.loads((root / "value_sft" / "svpo_stage.json").read_text())
@@ -198,6 +204,24 @@ def test_each_recipe_in_order(setting):
     records = [json.loads(line) for line in (eval_dir / "svpo__toy__sbs1x2.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["value"] is None or -1 <= r["value"] <= 1 for r in records)
     assert "| svpo | greedy |" in (eval_dir / "results.md").read_text()
+
+    evaluate.main(
+        [
+            *args,
+            "--output_dir",
+            str(root / "eval_diag"),
+            "--value_diagnostic",
+            "--value_diagnostic_samples",
+            "2",
+        ]
+    )
+    metrics = json.loads((root / "eval_diag" / "svpo__toy__value_diagnostic.json").read_text())
+    assert metrics["num_problems"] == 2 and metrics["labels"] == "GoldLabeler" and metrics["num_samples"] == 2
+    assert 0 <= metrics["oracle_ceiling"] <= 1 and metrics["groups"] >= 2
+    for key in ("within_group_accuracy", "prior_within_group_accuracy"):
+        assert metrics[key] is None or 0 <= metrics[key] <= 1
+    diag = (root / "eval_diag" / "svpo__toy__value_diagnostic.jsonl").read_text().splitlines()
+    assert len(diag) == 2 and "candidates" in diag[0]
 
 
 def test_pipeline_skips_finished_stages_and_prints_the_table(setting, capsys):

@@ -130,19 +130,36 @@ def test_answers_follow_from_the_question_text(splits):
 def test_hand_checked_problem():
     row = make_toy_problems(1, seed=0)[0]
     assert row["question"] == (
-        "There are 3 eggs in Ella's box. She keeps one out of every 3 eggs. The number of eggs becomes "
-        "13 times as large. She gives away 5 eggs. She finds 20 more eggs. How many eggs are left in the end?"
+        "There are 3 eggs in Ella's box. She loses 2 eggs. The number of eggs becomes 13 times as large. "
+        "She trades each one for 6 new eggs. She sells 4 of the eggs. How many eggs does Ella have at the end?"
     )
-    assert row["answer"] == "28"  # 3 // 3 = 1; 1 * 13 = 13; 13 - 5 = 8; 8 + 20 = 28
+    assert row["answer"] == "74"  # 3 - 2 = 1; 1 * 13 = 13; 13 * 6 = 78; 78 - 4 = 74
     steps = [DEFAULT_FORMAT.parse(t) for t in DEFAULT_FORMAT.split_steps(row["solution"])]
     assert [s.code for s in steps[:-1]] == [
-        "eggs = 3 // 3\nprint(eggs)",
+        "eggs = 3 - 2\nprint(eggs)",
         "eggs = eggs * 13\nprint(eggs)",
-        "eggs = eggs - 5\nprint(eggs)",
-        "eggs = eggs + 20\nprint(eggs)",
+        "eggs = eggs * 6\nprint(eggs)",
+        "eggs = eggs - 4\nprint(eggs)",
     ]
-    assert [s.output for s in steps[:-1]] == ["1", "13", "8", "28"]
-    assert steps[-1].text == DEFAULT_FORMAT.render_answer_step("Ella ends with 28.", "28")
+    assert [s.output for s in steps[:-1]] == ["1", "13", "78", "74"]
+    assert steps[-1].text == DEFAULT_FORMAT.render_answer_step("Ella ends with 74.", "74")
+
+
+def test_divisions_are_exact(splits):
+    # A flooring division maps many wrong values onto the gold one, so wrong reasoning would reach the
+    # right answer by chance: every division in the toy task divides exactly, by 2..value/2.
+    divisions = 0
+    for row in _gold_rows(splits):
+        value = None
+        for step in map(DEFAULT_FORMAT.parse, DEFAULT_FORMAT.split_steps(row["solution"])[:-1]):
+            match = re.fullmatch(r"\w+ = (\w+) // (\d+)\nprint\(\w+\)", step.code)
+            if match:
+                divisions += 1
+                previous = int(match.group(1)) if match.group(1).isdigit() else value
+                divisor = int(match.group(2))
+                assert previous % divisor == 0 and 2 <= divisor <= previous // 2, row["id"]
+            value = int(step.output)
+    assert divisions > 50
 
 
 # ---------------------------------------------------------------------------- tokenizer

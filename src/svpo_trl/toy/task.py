@@ -1,7 +1,10 @@
 """The embedded default's toy task: multi-step arithmetic word problems with gold step-format solutions.
 
 Each problem starts from a quantity and applies 2–4 operations (``+``, ``-``, ``*``, ``//``) with
-operands up to 20, each phrased by one of several templates. The gold solution has one C-step per
+operands up to 20, each phrased by one of several templates. Divisions are exact (the divisor divides
+the running value): a flooring division maps many wrong values onto the gold one (``x // 13`` is 1 for
+every x from 13 to 25), so wrong reasoning reached the right answer by chance and Algorithm 1 took it
+for a correct solution (37% of chosen steps were off track on a 200-question annotation). The gold solution has one C-step per
 operation (code that prints the running value, and the output that code really prints) and then an
 A-step with ``Final Answer: $N$`` — the step format of the paper (Appendix A.5), so that the whole
 pipeline (SFT -> MCTS -> value pre-training -> SVPO -> evaluation) runs on it unchanged.
@@ -57,7 +60,7 @@ _OPERATION_TEMPLATES = {
         "{Pron} trades each one for {b} new {obj}.",
     ],
     "//": [
-        "{Pron} splits them into {b} equal piles and keeps one, dropping the rest.",
+        "{Pron} splits them into {b} equal piles and keeps one, giving the rest away.",
         "{Pron} keeps one out of every {b} {obj}.",
     ],
 }
@@ -65,7 +68,7 @@ _STEP_ANALYSIS = {
     "+": "Add {b}.",
     "-": "Subtract {b}.",
     "*": "Multiply by {b}.",
-    "//": "Divide by {b}, rounding down.",
+    "//": "Divide by {b}.",
 }
 _QUESTIONS = [
     "How many {obj} does {name} have now?",
@@ -137,9 +140,14 @@ def _feasible_operations(value: int, cfg: ToyTaskConfig) -> list[str]:
         ops.append("-")  # the result stays >= 1
     if value * 2 <= cfg.max_value:
         ops.append("*")
-    if value >= 2:
-        ops.append("//")  # the result stays >= 1
+    if _divisors(value, cfg):
+        ops.append("//")  # exact: the result is a whole number >= 1
     return ops
+
+
+def _divisors(value: int, cfg: ToyTaskConfig) -> list[int]:
+    """Divisors of ``value`` usable as an operand: 2..max_operand, and at most value / 2 (no result of 1)."""
+    return [d for d in range(2, min(cfg.max_operand, value // 2) + 1) if value % d == 0]
 
 
 def _draw_operand(rng: random.Random, op: str, value: int, cfg: ToyTaskConfig) -> int:
@@ -149,7 +157,7 @@ def _draw_operand(rng: random.Random, op: str, value: int, cfg: ToyTaskConfig) -
         return rng.randint(1, min(cfg.max_operand, value - 1))
     if op == "*":
         return rng.randint(2, min(cfg.max_operand, cfg.max_value // value))
-    return rng.randint(2, min(cfg.max_operand, value))
+    return rng.choice(_divisors(value, cfg))
 
 
 def generate_toy_problem(
