@@ -1,15 +1,19 @@
-"""Miniature reproduction of the paper's Table 3 and Table 5 on the embedded toy task, over seeds.
+"""Miniature reproduction of the paper's Tables 3 and 5, over seeds, with paired intervals.
 
-Table 3 (greedy): SFT / solution-level DPO / SVPO / SVPO w/o regularization.
-Table 5 (SBS, B2 = 5, B1 = 1 and 3): SVPO / w/o margin / w/o MSE.
+Every seed runs the whole pipeline of a setting file (stage 0 included, so seeds differ from the first
+weight on) under its own output root, trains the ablations from the same value-pre-trained model on the
+same annotation, evaluates every row on the same held-out problems, and runs the value diagnostic
+(``svpo_trl.value_diagnostic``: does V rank candidate steps better than the policy's prior?). Finished
+stages and evaluations are skipped, so a stopped run resumes.
 
-Every seed runs the whole pipeline of ``recipes/configs/toy.yaml`` under its own output root
-(stage 0 bootstrap included, so seeds differ from the first weight onwards), trains the ablations
-from the same value-pre-trained model on the same annotation, and evaluates on the same held-out
-problems. Finished stages are skipped, so a stopped run resumes. Writes
-``benchmarks/results/reproduce_tables.{json,md}`` with mean ± std over seeds.
+Writes ``<results>.json`` with, per seed, ``runs[seed]["correct"][row]`` (0/1 per problem, in problem
+order) for every row (``"SFT/greedy"``, ``"DPO/greedy"``, ``"SVPO/greedy"``, ``"SVPO/sbs(1,5)"``, ...),
+``runs[seed]["value"]`` (the SVPO model's value diagnostic) and ``runs[seed]["seconds"]``, and
+``<results>.md`` with the tables: accuracy per row, and paired bootstrap 95% intervals of the differences
+that matter (SBS - greedy, SVPO - DPO, SVPO - SFT, each ablation - full SVPO), per seed and pooled.
 
-    python benchmarks/reproduce_tables.py --seeds 0 1 2
+    python benchmarks/reproduce_tables.py --config recipes/configs/toy_reproduce.yaml --seeds 0 1 2
+    python benchmarks/reproduce_tables.py --render-only --readme README.md   # tables from the saved JSON
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from typing import Any
@@ -32,16 +37,40 @@ from svpo_trl.pipeline import (
     run_svpo,
     stage_done,
 )
+from svpo_trl.stats import format_difference, paired_bootstrap
 from svpo_trl.trainer.svpo_config import SVPOConfig
 
+# Model folders under a seed's root, and the rows evaluated on each: "<system>/<strategy>".
 ABLATIONS = {
-    "svpo_no_regularization": "svpo_no_reg",
-    "svpo_no_margin": "svpo_no_margin",
-    "svpo_no_mse": "svpo_no_mse",
+    "svpo_no_margin": ("svpo_no_margin", "SVPO w/o margin"),
+    "svpo_no_mse": ("svpo_no_mse", "SVPO w/o MSE"),
+    "svpo_no_regularization": ("svpo_no_reg", "SVPO w/o regularization"),
 }
-TABLE3 = [("SFT", "sft"), ("DPO", "dpo"), ("SVPO", "svpo"), ("SVPO w/o regularization", "svpo_no_reg")]
-TABLE5 = [("SVPO", "svpo"), ("SVPO w/o margin", "svpo_no_margin"), ("SVPO w/o MSE", "svpo_no_mse")]
-SBS = ["sbs(1,5)", "sbs(3,5)"]
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "SFT": ("sft", ["greedy"]),
+    "Value SFT": ("value_sft", ["greedy"]),
+    "DPO": ("dpo", ["greedy"]),
+    "SVPO": ("svpo", ["greedy", "sbs(1,5)", "sbs(3,5)"]),
+    "SVPO w/o margin": ("svpo_no_margin", ["greedy", "sbs(1,5)", "sbs(3,5)"]),
+    "SVPO w/o MSE": ("svpo_no_mse", ["greedy", "sbs(1,5)", "sbs(3,5)"]),
+    "SVPO w/o regularization": ("svpo_no_reg", ["greedy", "sbs(1,5)"]),
+}
+SLUGS = {"greedy": "greedy", "sbs(1,5)": "sbs1x5", "sbs(3,5)": "sbs3x5"}
+# The differences the issue asks for: (label, first row, second row).
+COMPARISONS = [
+    ("SVPO: SBS(1,5) - greedy", "SVPO/sbs(1,5)", "SVPO/greedy"),
+    ("SVPO: SBS(3,5) - greedy", "SVPO/sbs(3,5)", "SVPO/greedy"),
+    ("greedy: SVPO - SFT", "SVPO/greedy", "SFT/greedy"),
+    ("greedy: SVPO - DPO", "SVPO/greedy", "DPO/greedy"),
+    ("greedy: Value SFT - SFT", "Value SFT/greedy", "SFT/greedy"),
+    ("greedy: w/o regularization - SVPO", "SVPO w/o regularization/greedy", "SVPO/greedy"),
+    ("SBS(1,5): w/o margin - SVPO", "SVPO w/o margin/sbs(1,5)", "SVPO/sbs(1,5)"),
+    ("SBS(3,5): w/o margin - SVPO", "SVPO w/o margin/sbs(3,5)", "SVPO/sbs(3,5)"),
+    ("SBS(1,5): w/o MSE - SVPO", "SVPO w/o MSE/sbs(1,5)", "SVPO/sbs(1,5)"),
+    ("SBS(3,5): w/o MSE - SVPO", "SVPO w/o MSE/sbs(3,5)", "SVPO/sbs(3,5)"),
+    ("SBS(1,5): w/o regularization - SVPO", "SVPO w/o regularization/sbs(1,5)", "SVPO/sbs(1,5)"),
+]
+README_BEGIN, README_END = "<!-- reproduce_tables:begin -->", "<!-- reproduce_tables:end -->"
 
 
 def _relocate(value: Any, old: str, new: str) -> Any:
@@ -55,105 +84,161 @@ def _relocate(value: Any, old: str, new: str) -> Any:
 
 
 def seed_setting(base: dict[str, Any], seed: int, root: str) -> dict[str, Any]:
-    """The toy setting with every output under ``root`` and every stage seeded with ``seed``."""
+    """The setting with every output under ``root`` and every stage seeded with ``seed``."""
     old = base.get("pipeline", {}).get("output_dir", "outputs/toy")
     setting = _relocate(base, old, root)
     setting["seed"] = seed
     return setting
 
 
-def run_seed(config_path: str, root: str) -> dict[str, dict[str, float]]:
-    """All stages, ablations and evaluations of one seed: ``{system/strategy: accuracy}``."""
+def _correct(path: str) -> list[int]:
+    with open(path) as handle:
+        return [int(json.loads(line)["correct"]) for line in handle]
+
+
+def run_seed(config_path: str, root: str) -> dict[str, Any]:
+    """Every stage, ablation, evaluation and the value diagnostic of one seed (resuming what is done)."""
+    began = time.perf_counter()
     run_pipeline(config_path, stages=["sft", "annotate", "value_sft", "svpo", "dpo"])
-    for recipe, name in ABLATIONS.items():
-        out = os.path.join(root, name)
-        if stage_done(out):
-            continue
-        args = ["--config", config_path, "--recipe", recipe, "--output_dir", out]
-        run_svpo(*parse_stage_args("svpo", [TrainScriptArguments, SVPOConfig], args))
-    plan: dict[str, list[str]] = {}
-    for _, model in TABLE3:
-        plan.setdefault(model, []).append("greedy")
-    for _, model in TABLE5:
-        plan.setdefault(model, []).extend(SBS)
-    results: dict[str, dict[str, float]] = {}
-    for model, strategies in plan.items():
-        eval_dir = os.path.join(root, "eval_tables", model)
-        path = os.path.join(eval_dir, "results.json")
-        if not os.path.exists(path):
-            args = ["--config", config_path, "--model_name_or_path", os.path.join(root, model)]
-            args += ["--system_name", model, "--output_dir", eval_dir, "--strategies", *strategies]
+    for recipe, (folder, _) in ABLATIONS.items():
+        out = os.path.join(root, folder)
+        if not stage_done(out):
+            args = ["--config", config_path, "--recipe", recipe, "--output_dir", out]
+            run_svpo(*parse_stage_args("svpo", [TrainScriptArguments, SVPOConfig], args))
+    correct: dict[str, list[int]] = {}
+    value: dict[str, Any] = {}
+    for system, (folder, strategies) in ROWS.items():
+        eval_dir = os.path.join(root, "eval_tables", folder)
+        diagnose = folder in ("sft", "value_sft", "svpo")
+        done = os.path.exists(os.path.join(eval_dir, "results.json"))
+        if not done:
+            args = ["--config", config_path, "--model_name_or_path", os.path.join(root, folder)]
+            args += ["--system_name", folder, "--output_dir", eval_dir, "--strategies", *strategies]
+            args += ["--value_diagnostic"] if diagnose else []
             run_evaluate(*parse_stage_args("evaluate", [EvaluateArguments], args))
-        with open(path) as handle:
-            for row in json.load(handle):
-                results[f"{model}/{row['strategy']}"] = row
-    return results
+        for strategy in strategies:
+            [path] = [p for p in os.listdir(eval_dir) if p.endswith(f"__{SLUGS[strategy]}.jsonl")]
+            correct[f"{system}/{strategy}"] = _correct(os.path.join(eval_dir, path))
+        if diagnose:
+            [path] = [p for p in os.listdir(eval_dir) if p.endswith("__value_diagnostic.json")]
+            with open(os.path.join(eval_dir, path)) as handle:
+                value[system] = json.load(handle)
+    return {
+        "correct": correct,
+        "value": value.get("SVPO"),
+        "value_by_model": value,
+        "seconds": time.perf_counter() - began,
+    }
 
 
-def _cell(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
-def tables(per_seed: dict[int, dict[str, dict[str, float]]]) -> tuple[str, dict[str, Any]]:
-    """Markdown tables (mean ± std of accuracy over seeds) and the same numbers as a dict."""
-    seeds = sorted(per_seed)
-    summary: dict[str, Any] = {}
-
-    def accuracies(key: str) -> list[float]:
-        return [per_seed[s][key]["accuracy"] for s in seeds if key in per_seed[s]]
-
-    lines = [f"### Table 3 (toy): greedy accuracy, % (mean ± std over seeds {seeds})", ""]
-    lines += ["| Model | Greedy | per seed |", "|---|---|---|"]
-    for label, model in TABLE3:
-        values = accuracies(f"{model}/greedy")
-        summary[f"table3/{label}"] = values
-        lines.append(f"| {label} | {_cell(values)} | {', '.join(f'{100 * v:.1f}' for v in values)} |")
-    lines += ["", f"### Table 5 (toy): SBS accuracy, % (B2 = 5; mean ± std over seeds {seeds})", ""]
-    lines += ["| Model | SBS B1=1 | SBS B1=3 |", "|---|---|---|"]
-    for label, model in TABLE5:
-        cells = []
-        for strategy in ("SBS (B1=1, B2=5)", "SBS (B1=3, B2=5)"):
-            values = accuracies(f"{model}/{strategy}")
-            summary[f"table5/{label}/{strategy}"] = values
-            cells.append(_cell(values))
-        lines.append(f"| {label} | {' | '.join(cells)} |")
+def tables(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Markdown tables and the computed summary from the per-seed runs (keys: seeds as strings)."""
+    seeds = sorted(runs, key=int)
+    rows = [r for r in runs[seeds[0]]["correct"] if all(r in runs[s]["correct"] for s in seeds)]
+    n = len(runs[seeds[0]]["correct"][rows[0]])
+    lines = [f"#### Accuracy, % ({n} held-out problems, the same for every row; seeds {', '.join(seeds)})", ""]
+    lines += ["| Model | Decoding | mean ± std | per seed |", "|---|---|---|---|"]
+    summary: dict[str, Any] = {"accuracy": {}, "differences": {}, "value": {}}
+    for row in rows:
+        values = [statistics.fmean(runs[s]["correct"][row]) for s in seeds]
+        summary["accuracy"][row] = values
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        system, strategy = row.rsplit("/", 1)
+        lines.append(
+            f"| {system} | {strategy} | {100 * statistics.fmean(values):.1f} ± {100 * std:.1f} | "
+            f"{', '.join(_pct(v) for v in values)} |"
+        )
+    lines += ["", "#### Paired differences, points, with bootstrap 95% intervals", ""]
+    lines += ["| Difference | " + " | ".join(f"seed {s}" for s in seeds) + " | all seeds |"]
+    lines += ["|---|" + "---|" * (len(seeds) + 1)]
+    for label, first, second in COMPARISONS:
+        if first not in rows or second not in rows:
+            continue
+        per_seed = [paired_bootstrap(runs[s]["correct"][first], runs[s]["correct"][second]) for s in seeds]
+        pooled = paired_bootstrap(
+            [runs[s]["correct"][first] for s in seeds], [runs[s]["correct"][second] for s in seeds]
+        )
+        summary["differences"][label] = {"per_seed": per_seed, "pooled": pooled}
+        cells = [format_difference(d) for d in [*per_seed, pooled]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if all(runs[s].get("value_by_model") for s in seeds):
+        lines += ["", "#### Value diagnostic (held-out states, B2 = 5 candidates per state, gold step labels)", ""]
+        lines += [
+            "| seed | model | V within-group | prior within-group | V top-1 | prior top-1 | V AUC | "
+            "SBS oracle ceiling | greedy |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in seeds:
+            for system, m in runs[s]["value_by_model"].items():
+                greedy = statistics.fmean(runs[s]["correct"][f"{system}/greedy"])
+                lines.append(
+                    f"| {s} | {system} | {_pct(m['within_group_accuracy'])} | "
+                    f"{_pct(m['prior_within_group_accuracy'])} | {_pct(m['top1_accuracy'])} | "
+                    f"{_pct(m['prior_top1_accuracy'])} | {_pct(m['value_auc'])} | {_pct(m['oracle_ceiling'])} | "
+                    f"{_pct(greedy)} |"
+                )
+                summary["value"].setdefault(system, {})[s] = m
+    seconds = [runs[s].get("seconds") for s in seeds]
+    if all(seconds):
+        lines += ["", f"Wall time per seed (2 CPU cores): {', '.join(f'{t / 60:.0f} min' for t in seconds)}."]
     return "\n".join(lines), summary
+
+
+def update_readme(readme: str, markdown: str) -> None:
+    """Replace the block between the reproduce_tables markers of the README with ``markdown``."""
+    with open(readme) as handle:
+        text = handle.read()
+    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} block to regenerate")
+    block = f"{README_BEGIN}\n{markdown}\n{README_END}"
+    with open(readme, "w") as handle:
+        handle.write(pattern.sub(lambda _: block, text))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="recipes/configs/toy.yaml")
+    parser.add_argument("--config", default="recipes/configs/toy_reproduce.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default="outputs/reproduce")
     parser.add_argument("--results", default="benchmarks/results/reproduce_tables")
+    parser.add_argument("--render-only", action="store_true", help="tables from the saved JSON, no runs")
+    parser.add_argument("--readme", default=None, help="also regenerate this README's results block")
     args = parser.parse_args()
-    base = load_setting(args.config)
-    per_seed: dict[int, dict[str, dict[str, float]]] = {}
-    timings: dict[int, float] = {}
-    for seed in args.seeds:
-        root = os.path.join(args.root, f"seed{seed}")
-        os.makedirs(root, exist_ok=True)
-        config_path = os.path.join(root, "setting.yaml")
-        with open(config_path, "w") as handle:
-            yaml.safe_dump(seed_setting(base, seed, root), handle, sort_keys=False)
-        began = time.perf_counter()
-        per_seed[seed] = run_seed(config_path, root)
-        timings[seed] = time.perf_counter() - began
-        print(f"[reproduce] seed {seed} done in {timings[seed]:.0f}s", flush=True)
-    markdown, summary = tables(per_seed)
-    os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
-    with open(args.results + ".json", "w") as handle:
-        json.dump(
-            {"seeds": args.seeds, "seconds": timings, "tables": summary, "runs": per_seed}, handle, indent=2
-        )
+    path = args.results + ".json"
+    saved: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as handle:
+            saved = json.load(handle)
+    runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if saved.get("config") == args.config else {}
+    if not args.render_only:
+        base = load_setting(args.config)
+        for seed in args.seeds:
+            root = os.path.join(args.root, f"seed{seed}")
+            os.makedirs(root, exist_ok=True)
+            config_path = os.path.join(root, "setting.yaml")
+            with open(config_path, "w") as handle:
+                yaml.safe_dump(seed_setting(base, seed, root), handle, sort_keys=False)
+            runs[str(seed)] = run_seed(config_path, root)
+            print(f"[reproduce] seed {seed} done in {runs[str(seed)]['seconds']:.0f}s", flush=True)
+            os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+            with open(path, "w") as handle:  # after every seed: a stopped run keeps what it finished
+                json.dump({"config": args.config, "runs": runs}, handle)
+    if not runs:
+        raise SystemExit(f"no runs of {args.config} in {path}: run without --render-only first")
+    markdown, summary = tables(runs)
+    with open(path, "w") as handle:
+        json.dump({"config": args.config, "runs": runs, "summary": summary}, handle)
     with open(args.results + ".md", "w") as handle:
-        handle.write(
-            f"# Miniature reproduction of Tables 3 and 5 (`python benchmarks/reproduce_tables.py`)\n\n{markdown}\n"
-        )
+        handle.write(f"# Miniature reproduction of Tables 3 and 5 (`{args.config}`)\n\n{markdown}\n")
+    if args.readme:
+        update_readme(args.readme, markdown)
     print(markdown)
 
 

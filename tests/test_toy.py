@@ -46,15 +46,15 @@ def test_generation_is_deterministic_by_seed():
 
 
 def test_fixed_splits_have_their_sizes_and_share_no_question(splits):
-    assert {s: len(d) for s, d in splits.items()} == {"train": 4000, "annotate": 200, "test": 300}
+    assert {s: len(d) for s, d in splits.items()} == {"train": 4000, "annotate": 3000, "test": 1000}
     questions = {s: set(d["question"]) for s, d in splits.items()}
     assert all(len(q) == len(splits[s]) for s, q in questions.items())
     assert not questions["train"] & questions["test"]
     assert not questions["train"] & questions["annotate"]
     assert not questions["annotate"] & questions["test"]
     # Disjoint by construction: every question is hashed to its own split, whatever the sizes.
-    bigger_test = load_toy_problems("test", 600)
-    assert bigger_test["question"][:300] == splits["test"]["question"]
+    bigger_test = load_toy_problems("test", 1200)
+    assert bigger_test["question"][:1000] == splits["test"]["question"]
     assert not set(bigger_test["question"]) & questions["train"]
     assert all(toy_split_of(q) == "annotate" for q in splits["annotate"]["question"])
     assert load_toy_problems("test").to_dict() == splits["test"].to_dict()
@@ -79,7 +79,7 @@ def test_bad_input_is_named():
 
 # ---------------------------------------------------------------------------- gold solutions
 def _gold_rows(splits):
-    return [*splits["test"], *splits["annotate"], *splits["train"].select(range(300))]
+    return [*splits["test"], *splits["annotate"].select(range(500)), *splits["train"].select(range(300))]
 
 
 def test_gold_solutions_parse_into_code_steps_then_one_answer_step(splits):

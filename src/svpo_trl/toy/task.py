@@ -76,7 +76,7 @@ _QUESTIONS = [
     "How many {obj} are left in the end?",
 ]
 
-TOY_SPLIT_SIZES = {"train": 4000, "annotate": 200, "test": 300}
+TOY_SPLIT_SIZES = {"train": 4000, "annotate": 3000, "test": 1000}
 """Default number of problems per fixed split: SFT data, MCTS questions, held-out evaluation."""
 
 _SPLIT_SEEDS = {"train": 0, "annotate": 1, "test": 2}
@@ -248,7 +248,7 @@ def toy_split_of(question: str) -> str:
 
 
 def load_toy_problems(split: str, num: int | None = None, *, config: ToyTaskConfig | None = None) -> Dataset:
-    """The fixed toy split ``train`` (SFT, 4000), ``annotate`` (MCTS questions, 200) or ``test`` (300).
+    """The fixed toy split ``train`` (SFT, 4000), ``annotate`` (MCTS questions, 3000) or ``test`` (1000).
 
     Splits never share a question (each keeps only the questions hashed to it). ``num`` overrides
     the default size; a smaller ``num`` gives a prefix of the default split.
