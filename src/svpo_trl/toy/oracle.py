@@ -2,9 +2,10 @@
 
 A toy problem is a starting quantity and a chain of operations; its gold solution prints the running
 value after each operation (``<output>`` of each C-step) and ends with the final value. So the exact
-value of any state is known: a partial solution is **on track** when every code step printed a value of
-the gold chain, in order (a step may stay on the current value or jump ahead, as a step that does two
-operations at once would), and an answer step gives the gold answer. A malformed step, an error, or a
+value of any state is known: a partial solution is **on track** when every code step printed a later value
+of the gold chain than the step before it (one operation further, or several: a step may do two operations
+at once), and an answer step gives the gold answer. A step that prints the current value again ("multiply
+by 1", or a wrong computation that happens to land on it) does not follow the problem and is off track. A malformed step, an error, or a
 value off the chain puts the state off track for good: the toy's operations cannot undo a wrong value
 except by coincidence.
 
@@ -101,9 +102,9 @@ class ToyStepOracle:
         value = _as_int(step.output)
         if value is None:
             return False, position
-        # The nearest gold value at or after the current one: staying put is harmless, skipping ahead is
-        # doing several operations in one step.
-        for index in range(position, len(chain)):
+        # The nearest gold value after the current one (skipping ahead is doing several operations in
+        # one step); chain[0] is the starting quantity, which no step should print.
+        for index in range(position + 1, len(chain)):
             if chain[index] == value:
                 return True, index
         return False, position
