@@ -259,3 +259,42 @@ def test_sft_rows_mask_question_and_outputs(toy_tokenizer):
     assert "<question>" not in learned and "<output>" not in learned
     assert "print(" in learned and f"Final Answer: ${problem['answer']}$" in learned
     assert row["input_ids"][-1] == toy_tokenizer.eos_token_id and row["completion_mask"][-1] == 1
+
+
+def test_misread_solutions_are_consistent_wrong_demonstrations():
+    misreadings = {"trades each one for": "+", "keeps one out of every": "-"}
+    gold = load_toy_problems("train", 300)
+    always = load_toy_problems("train", 300, misreadings=misreadings, misreading_rate=1.0)
+    assert always["question"] == gold["question"] and always["answer"] == gold["answer"]
+    changed = 0
+    for g, m in zip(gold, always):
+        misread = any(phrase in g["question"] for phrase in misreadings)
+        changed += int(m["solution"] != g["solution"])
+        assert (m["solution"] != g["solution"]) == misread, g["id"]
+        steps = [DEFAULT_FORMAT.parse(s) for s in DEFAULT_FORMAT.split_steps(m["solution"])]
+        # A misread step uses the misread op on the sentence's operand, and the rest follows from it
+        namespace: dict = {}
+        for step in steps[:-1]:
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                exec(step.code, namespace)
+            assert buffer.getvalue().strip() == step.output
+        assert steps[-1].final_answer == steps[-2].output
+        sentences = g["question"].split(". ")[1:-1]  # the operation sentences, in order
+        for sentence, step in zip(sentences, steps):
+            op = re.search(r" (\+|-|\*|//) \d+\n", step.code).group(1)
+            expected = next((wrong for phrase, wrong in misreadings.items() if phrase in sentence), None)
+            if expected is not None:
+                assert op == expected, (g["id"], sentence, step.code)
+    assert changed > 100
+    never = load_toy_problems("train", 300, misreadings=misreadings, misreading_rate=0.0)
+    assert never["solution"] == gold["solution"]
+    # The draws do not depend on the batch: a prefix gets the same misread solutions
+    assert (
+        load_toy_problems("train", 50, misreadings=misreadings, misreading_rate=0.5)["solution"]
+        == (load_toy_problems("train", 300, misreadings=misreadings, misreading_rate=0.5)["solution"][:50])
+    )
+    with pytest.raises(ValueError, match="must occur in a toy template"):
+        load_toy_problems("train", 5, misreadings={"eats": "-"}, misreading_rate=0.5)
+    with pytest.raises(ValueError, match="misreading_rate"):
+        load_toy_problems("train", 5, misreadings=misreadings, misreading_rate=1.5)

@@ -41,6 +41,9 @@ class ToySFTConfig:
     vocab_size: byte-level BPE vocabulary trained on toy solutions (default 800, tags as tokens).
     tokenizer_texts: toy solutions the tokenizer is trained on (default 2000).
     task: the toy task's difficulty (``ToyTaskConfig``: 2–4 operations, operands <= 20).
+    misreadings / misreading_rate: imperfect SFT data: solutions written by someone who misreads these
+        phrasings (phrase -> op, e.g. ``{"trades each one for": "+"}``) with this probability per occurrence
+        (default none). The questions and their answers stay true; only the demonstrations are wrong.
     seed: model init, data order and dropout (default 0).
     logging_steps: log the train loss every this many steps (default 50).
     num_threads: torch CPU threads (default None: leave torch's setting).
@@ -58,6 +61,8 @@ class ToySFTConfig:
     vocab_size: int = 800
     tokenizer_texts: int = 2000
     task: ToyTaskConfig = field(default_factory=ToyTaskConfig)
+    misreadings: dict[str, str] = field(default_factory=dict)
+    misreading_rate: float = 0.0
     seed: int = 0
     logging_steps: int = 50
     num_threads: int | None = None
@@ -114,7 +119,13 @@ def bootstrap_sft_policy(output_dir: str, *, config: ToySFTConfig | None = None)
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
     tokenizer = build_toy_tokenizer(cfg.vocab_size, cfg.tokenizer_texts)
-    problems = load_toy_problems("train", cfg.num_train_problems, config=cfg.task)
+    problems = load_toy_problems(
+        "train",
+        cfg.num_train_problems,
+        config=cfg.task,
+        misreadings=cfg.misreadings,
+        misreading_rate=cfg.misreading_rate,
+    )
     train_dataset = tokenize_sft_dataset(problems, tokenizer)
     model = tiny_llama(
         tokenizer,

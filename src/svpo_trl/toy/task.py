@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
@@ -114,14 +115,46 @@ class ToyTaskConfig:
 
 @dataclass
 class ToyProblem:
-    """One generated problem: the question, its integer answer and the gold step texts."""
+    """One generated problem: the question, its integer answer and the gold step texts.
+
+    ``operations`` holds, per operation sentence, ``(template, op, operand)``; with ``start``, ``name`` and
+    ``obj`` it is everything :func:`toy_solution_steps` needs to write a solution again (e.g. misread).
+    """
 
     question: str
     answer: int
     steps: list[str]
+    start: int = 0
+    name: str = ""
+    obj: str = ""
+    operations: list[tuple[str, str, int]] = field(default_factory=list)
 
     def solution(self) -> str:
         return "".join(self.steps)
+
+
+def toy_solution_steps(
+    start: int,
+    name: str,
+    obj: str,
+    operations: list[tuple[str, int]],
+    step_format: StepFormat = DEFAULT_FORMAT,
+) -> tuple[list[str], int]:
+    """The step texts of the solution that applies ``operations`` (``(op, operand)``) to ``start``, and its
+    final value: one C-step per operation, printing the running value, then the A-step."""
+    steps: list[str] = []
+    value = start
+    for k, (op, operand) in enumerate(operations):
+        analysis = _STEP_ANALYSIS[op].format(b=operand, obj=obj, name=name)
+        if k == 0:
+            analysis = f"Start with {value} {obj}. {analysis}"
+            code = f"{obj} = {value} {op} {operand}\nprint({obj})"
+        else:
+            code = f"{obj} = {obj} {op} {operand}\nprint({obj})"
+        value = _apply(op, value, operand)
+        steps.append(step_format.render_code_step(analysis, code, str(value)))
+    steps.append(step_format.render_answer_step(f"{name} ends with {value}.", str(value)))
+    return steps, value
 
 
 def _apply(op: str, value: int, operand: int) -> int:
@@ -170,26 +203,39 @@ def generate_toy_problem(
     """
     name, pron, pron_obj = rng.choice(_PEOPLE)
     obj = rng.choice(_OBJECTS)
-    value = rng.randint(2, cfg.max_operand)
+    start = value = rng.randint(2, cfg.max_operand)
     sentences = [rng.choice(_OPENINGS).format(name=name, a=value, obj=obj)]
-    steps: list[str] = []
-    for k in range(rng.randint(cfg.min_ops, cfg.max_ops)):
+    operations: list[tuple[str, str, int]] = []
+    for _ in range(rng.randint(cfg.min_ops, cfg.max_ops)):
         op = rng.choice(_feasible_operations(value, cfg))
         operand = _draw_operand(rng, op, value, cfg)
-        sentences.append(
-            rng.choice(_OPERATION_TEMPLATES[op]).format(Pron=pron, pron_obj=pron_obj, b=operand, obj=obj)
-        )
-        analysis = _STEP_ANALYSIS[op].format(b=operand, obj=obj, name=name)
-        if k == 0:
-            analysis = f"Start with {value} {obj}. {analysis}"
-            code = f"{obj} = {value} {op} {operand}\nprint({obj})"
-        else:
-            code = f"{obj} = {obj} {op} {operand}\nprint({obj})"
+        template = rng.choice(_OPERATION_TEMPLATES[op])
+        sentences.append(template.format(Pron=pron, pron_obj=pron_obj, b=operand, obj=obj))
+        operations.append((template, op, operand))
         value = _apply(op, value, operand)
-        steps.append(step_format.render_code_step(analysis, code, str(value)))
     sentences.append(rng.choice(_QUESTIONS).format(obj=obj, name=name))
-    steps.append(step_format.render_answer_step(f"{name} ends with {value}.", str(value)))
-    return ToyProblem(question=" ".join(sentences), answer=value, steps=steps)
+    steps, answer = toy_solution_steps(start, name, obj, [(op, b) for _, op, b in operations], step_format)
+    return ToyProblem(" ".join(sentences), answer, steps, start, name, obj, operations)
+
+
+def misread_solution(
+    problem: ToyProblem,
+    misreadings: dict[str, str],
+    rate: float,
+    rng: random.Random,
+    step_format: StepFormat = DEFAULT_FORMAT,
+) -> str:
+    """The solution of a writer who misreads some phrasings: a sentence whose template contains a phrase of
+    ``misreadings`` is computed with the op given there instead (same operand), with probability ``rate``
+    each time; everything after follows from the wrong value, final answer included (a wrong solution)."""
+    operations = [
+        (next((wrong for phrase, wrong in misreadings.items() if phrase in template), op), b)
+        if rng.random() < rate and any(phrase in template for phrase in misreadings)
+        else (op, b)
+        for template, op, b in problem.operations
+    ]
+    steps, _ = toy_solution_steps(problem.start, problem.name, problem.obj, operations, step_format)
+    return "".join(steps)
 
 
 def _iter_problems(
@@ -221,15 +267,33 @@ def make_toy_problems(
     config: ToyTaskConfig | None = None,
     id_prefix: str | None = None,
     keep: Callable[[str], bool] | None = None,
+    misreadings: dict[str, str] | None = None,
+    misreading_rate: float = 0.0,
+    misreading_seed: int = 0,
 ) -> Dataset:
     """``num`` distinct toy problems, deterministic by ``seed``: columns ``id, question, answer, solution``.
 
     ``answer`` is the integer answer as a string; ``solution`` the gold step texts (without the
     prompt; ``DEFAULT_FORMAT.split_steps`` recovers the steps). ``keep`` filters questions (the
     fixed splits use it).
+
+    With ``misreadings`` (phrase -> op, e.g. ``{"trades each one for": "+"}``), ``solution`` is written by
+    someone who misreads those phrasings with probability ``misreading_rate`` per occurrence (see
+    :func:`misread_solution`; drawn from ``misreading_seed`` and the question, so the problems themselves do
+    not change): imperfect SFT data. ``answer`` stays the true one.
     """
     if num < 0:
         raise ValueError(f"make_toy_problems: num must be >= 0, got {num}")
+    if not 0.0 <= misreading_rate <= 1.0:
+        raise ValueError(f"misreading_rate must be in [0, 1], got {misreading_rate}")
+    for phrase, op in (misreadings or {}).items():
+        if op not in _STEP_ANALYSIS or not any(
+            phrase in t for ts in _OPERATION_TEMPLATES.values() for t in ts
+        ):
+            raise ValueError(
+                f"misreading {phrase!r} -> {op!r}: the phrase must occur in a toy template and the op be one "
+                f"of {sorted(_STEP_ANALYSIS)}"
+            )
     cfg = config or ToyTaskConfig()
     prefix = id_prefix if id_prefix is not None else f"toy-s{seed}"
     rows: dict[str, list[str]] = {"id": [], "question": [], "answer": [], "solution": []}
@@ -237,7 +301,12 @@ def make_toy_problems(
         rows["id"].append(f"{prefix}-{i:05d}")
         rows["question"].append(problem.question)
         rows["answer"].append(str(problem.answer))
-        rows["solution"].append(problem.solution())
+        if misreadings and misreading_rate > 0:
+            digest = hashlib.sha256(f"{misreading_seed}/{problem.question}".encode()).digest()
+            rng = random.Random(int.from_bytes(digest[:8], "big"))
+            rows["solution"].append(misread_solution(problem, misreadings, misreading_rate, rng))
+        else:
+            rows["solution"].append(problem.solution())
     return Dataset.from_dict(rows)
 
 
@@ -247,11 +316,14 @@ def toy_split_of(question: str) -> str:
     return next(split for split, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
 
 
-def load_toy_problems(split: str, num: int | None = None, *, config: ToyTaskConfig | None = None) -> Dataset:
+def load_toy_problems(
+    split: str, num: int | None = None, *, config: ToyTaskConfig | None = None, **misreading: Any
+) -> Dataset:
     """The fixed toy split ``train`` (SFT, 4000), ``annotate`` (MCTS questions, 3000) or ``test`` (1000).
 
     Splits never share a question (each keeps only the questions hashed to it). ``num`` overrides
-    the default size; a smaller ``num`` gives a prefix of the default split.
+    the default size; a smaller ``num`` gives a prefix of the default split. ``misreadings``,
+    ``misreading_rate`` and ``misreading_seed`` write imperfect solutions (see :func:`make_toy_problems`).
     """
     if split not in TOY_SPLIT_SIZES:
         raise ValueError(f"unknown toy split {split!r}; expected one of {sorted(TOY_SPLIT_SIZES)}")
@@ -262,6 +334,7 @@ def load_toy_problems(split: str, num: int | None = None, *, config: ToyTaskConf
         config=config,
         id_prefix=f"toy-{split}",
         keep=lambda question: toy_split_of(question) == split,
+        **misreading,
     )
 
 
