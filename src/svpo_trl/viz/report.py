@@ -369,7 +369,15 @@ def annotation_report(annotation_dir: str | Path | Annotation, out_dir: str | Pa
 
     ``annotation_dir`` is anything :func:`load_annotation` reads (or an :class:`Annotation`).
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        from ..errors import MissingExtraError
+
+        raise MissingExtraError(
+            "the annotation report draws its plots with matplotlib, which is not installed: "
+            "pip install 'svpo_trl[viz]' (or pip install matplotlib)"
+        ) from error
 
     matplotlib.use("Agg")
     annotation = annotation_dir if isinstance(annotation_dir, Annotation) else load_annotation(annotation_dir)
