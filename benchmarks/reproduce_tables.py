@@ -26,11 +26,13 @@ import yaml
 from svpo_trl.cli import load_setting, parse_stage_args
 from svpo_trl.pipeline import (
     EvaluateArguments,
-    TrainScriptArguments,
+    SVPOScriptArguments,
+    apply_recipe,
+    move_aside,
     run_evaluate,
     run_pipeline,
     run_svpo,
-    stage_done,
+    stage_changes,
 )
 from svpo_trl.trainer.svpo_config import SVPOConfig
 
@@ -67,10 +69,16 @@ def run_seed(config_path: str, root: str) -> dict[str, dict[str, float]]:
     run_pipeline(config_path, stages=["sft", "annotate", "value_sft", "svpo", "dpo"])
     for recipe, name in ABLATIONS.items():
         out = os.path.join(root, name)
-        if stage_done(out):
-            continue
         args = ["--config", config_path, "--recipe", recipe, "--output_dir", out]
-        run_svpo(*parse_stage_args("svpo", [TrainScriptArguments, SVPOConfig], args))
+        script_args, training_args = parse_stage_args("svpo", [SVPOScriptArguments, SVPOConfig], args)
+        apply_recipe(script_args, training_args)
+        # Skipped only when made with these very settings (an ablation of a stale model runs again).
+        changes = stage_changes(out, "svpo", {"script": script_args, "training": training_args.to_dict()})
+        if changes == {}:
+            continue
+        if changes:
+            move_aside(out)
+        run_svpo(script_args, training_args)
     plan: dict[str, list[str]] = {}
     for _, model in TABLE3:
         plan.setdefault(model, []).append("greedy")
