@@ -55,12 +55,10 @@ def step_format_error(solution: Any, step_format: StepFormat = DEFAULT_FORMAT) -
     ``<step>`` blocks, an empty solution and a solution without a final answer are refused.
     """
     if not isinstance(solution, str) or not solution.strip():
-        return "is empty" if isinstance(solution, str) or solution is None else f"is not text: {solution!r}"
+        return "it is empty" if isinstance(solution, str) or solution is None else f"not text: {solution!r}"
     steps = step_format.split_steps(solution)
     if not steps or not steps[0].lstrip().startswith(step_format.step_open):
-        return (
-            f"is not in the step format (it does not start with {step_format.step_open}): {_clip(solution)}"
-        )
+        return f"it does not start with {step_format.step_open}: {_clip(solution)}"
     for number, text in enumerate(steps, start=1):
         step = step_format.parse(text)
         if step.is_malformed:
@@ -69,7 +67,7 @@ def step_format_error(solution: Any, step_format: StepFormat = DEFAULT_FORMAT) -
         if step.kind == "answer" and not last:
             return f"step {number} gives the final answer but {len(steps) - number} more step(s) follow"
         if last and step.kind != "answer":
-            return "does not end with an answer step (Final Answer: $...$)"
+            return "no answer step (Final Answer: $...$) at the end"
     return None
 
 
@@ -351,7 +349,7 @@ def _step_rows(rows: Iterable[tuple[str, Any]], source: str, step_format: StepFo
             )
         error = step_format_error(row["solution"], step_format)
         if error is not None:
-            bad.append(f"{source}, {where}: field 'solution' {error}")
+            bad.append(f"{source}, {where}: field 'solution' is not a step-format solution: {error}")
         else:
             records.append({"question": question, "solution": row["solution"]})
     if bad:
