@@ -228,3 +228,35 @@ def test_value_sft_has_no_flags_that_do_nothing_there(capsys):
     text = recipe_help("value_sft", capsys)
     assert "--recipe" not in text and "--dataset_config" not in text
     assert "--recipe" in recipe_help("svpo", capsys)
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [
+        ("outputs/toy/sft", True),
+        ("./sft", True),
+        ("/abs/model", True),
+        ("~/models/x", True),
+        ("../shared/data/gsm8k", True),
+        ("model dir", True),  # a space: no Hub id has one
+        ("Qwen/Qwen2.5-0.5B", False),
+        ("gpt2", False),
+        ("openai/gsm8k", False),
+    ],
+)
+def test_local_paths_are_told_from_hub_ids(name, local):
+    from svpo_trl.errors import looks_like_local_path
+
+    assert looks_like_local_path(name) is local
+
+
+def test_dir_slash_name_is_local_when_dir_is_here(tmp_path, monkeypatch):
+    from svpo_trl.errors import looks_like_local_path, require_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_local_path("outputs/sft")
+    (tmp_path / "outputs").mkdir()
+    assert looks_like_local_path("outputs/sft")
+    with pytest.raises(PathNotFoundError, match=r"--model_name_or_path: path does not exist: outputs/sft \("):
+        require_path("outputs/sft", "model_name_or_path")
+    require_path("Qwen/Qwen2.5-0.5B", "model_name_or_path")  # a Hub id: left to the Hub

@@ -664,3 +664,27 @@ def test_cli_on_the_annotators_output(tmp_path):
         report["terminals"]["correct"] == 3
         and report["solve_rate"]["problems_solved"] == summary["solved"] == 1
     )
+
+
+@pytest.mark.parametrize("flag", ["--tree_index", "--tree-index"])
+def test_inspect_recipe_takes_underscore_flags_and_keeps_hyphen_aliases(tmp_path, flag):
+    cli = runpy.run_path(str(REPO / "recipes" / "inspect_search.py"), run_name="inspect_recipe")
+    annotation = save_annotation(tmp_path / "ann")
+    page = tmp_path / "q.html"
+    cli["main"](
+        ["tree", str(annotation), "--id", "q1", flag, "1", "--max_visible_leaves", "5", "--out", str(page)]
+    )
+    data = json.loads(re.search(r'id="tree-data">(.*?)</script>', page.read_text(), re.S)[1])
+    assert [t["tree_index"] for t in data["trees"]] == [1] and data["config"]["max_visible_leaves"] == 5
+
+
+def test_report_without_matplotlib_names_the_viz_extra(tmp_path, monkeypatch):
+    from svpo_trl.errors import MissingExtraError
+    from svpo_trl.viz import annotation_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(
+        MissingExtraError, match=r"matplotlib, which is not installed: pip install 'svpo_trl\[viz\]'"
+    ):
+        annotation_report(save_annotation(tmp_path / "ann"), tmp_path / "report")
+    assert not (tmp_path / "report").exists()
