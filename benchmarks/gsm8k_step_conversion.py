@@ -92,9 +92,10 @@ def main() -> None:
 
     rows = load_rows(args.dataset, args.split)
     began = time.perf_counter()
-    converted = rows.map(gsm8k_to_step_format, desc="converting")
+    # No cache: a cached map would report what an earlier version of the conversion made.
+    converted = rows.map(gsm8k_to_step_format, desc="converting", load_from_cache_file=False)
     convert_seconds = time.perf_counter() - began
-    kept = converted.filter(lambda row: row["solution"] != "")
+    kept = converted.filter(lambda row: row["solution"] != "", load_from_cache_file=False)
     reasons = Counter(conversion_failure_kind(e) for e in converted["conversion_error"] if e)
     checks = verify(kept["solution"], kept["gold"], args.workers)
     total, ok = len(rows), len(kept)
