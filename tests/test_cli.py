@@ -228,6 +228,8 @@ def test_value_sft_has_no_flags_that_do_nothing_there(capsys):
     text = recipe_help("value_sft", capsys)
     assert "--recipe" not in text and "--dataset_config" not in text
     assert "--recipe" in recipe_help("svpo", capsys)
+    with pytest.raises(UsageError, match=r"unrecognized arguments: --recipe dpo \(see --help"):
+        recipe("value_sft").main(["--model_name_or_path", "m", "--annotation_dir", "a", "--recipe", "dpo"])
 
 
 @pytest.mark.parametrize(

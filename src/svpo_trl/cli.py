@@ -240,7 +240,10 @@ def parse_stage_args(
         _apply_setting(parser, {**shared, **own}, config, section)
     elif section is not None:
         raise UsageError(f"--section {section}: no --config file to read it from")
-    return parser.parse_args_into_dataclasses(args=args)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see --help for this recipe's flags)")
+    return tuple(parsed)
 
 
 def run_recipe(main: Callable[[], Any]) -> Any:
