@@ -31,11 +31,15 @@ import yaml
 from svpo_trl.cli import load_setting, parse_stage_args
 from svpo_trl.pipeline import (
     EvaluateArguments,
-    TrainScriptArguments,
+    SVPOScriptArguments,
+    apply_recipe,
+    describe_changes,
+    mark_stage_done,
+    move_aside,
     run_evaluate,
     run_pipeline,
     run_svpo,
-    stage_done,
+    stage_changes,
 )
 from svpo_trl.stats import format_difference, paired_bootstrap
 from svpo_trl.trainer.svpo_config import SVPOConfig
@@ -91,6 +95,17 @@ def seed_setting(base: dict[str, Any], seed: int, root: str) -> dict[str, Any]:
     return setting
 
 
+def _fresh(output_dir: str, stage: str, configs: dict[str, Any]) -> bool:
+    """Whether ``output_dir`` holds this stage made with these very settings (from these inputs); an output
+    made otherwise is moved aside, so that it runs again."""
+    changes = stage_changes(output_dir, stage, configs)
+    if changes:
+        print(
+            f"[reproduce] {output_dir}: other settings ({describe_changes(changes)}), moved to {move_aside(output_dir)}"
+        )
+    return changes == {}
+
+
 def _correct(path: str) -> list[int]:
     with open(path) as handle:
         return [int(json.loads(line)["correct"]) for line in handle]
@@ -102,19 +117,25 @@ def run_seed(config_path: str, root: str) -> dict[str, Any]:
     run_pipeline(config_path, stages=["sft", "annotate", "value_sft", "svpo", "dpo"])
     for recipe, (folder, _) in ABLATIONS.items():
         out = os.path.join(root, folder)
-        if not stage_done(out):
-            args = ["--config", config_path, "--recipe", recipe, "--output_dir", out]
-            run_svpo(*parse_stage_args("svpo", [TrainScriptArguments, SVPOConfig], args))
+        args = ["--config", config_path, "--recipe", recipe, "--output_dir", out]
+        script_args, training_args = parse_stage_args("svpo", [SVPOScriptArguments, SVPOConfig], args)
+        apply_recipe(script_args, training_args)
+        # Skipped only when made with these very settings (an ablation of a stale model runs again).
+        if _fresh(out, "svpo", {"script": script_args, "training": training_args.to_dict()}):
+            continue
+        run_svpo(script_args, training_args)
     correct: dict[str, list[int]] = {}
     value: dict[str, Any] = {}
     for system, (folder, strategies) in ROWS.items():
         eval_dir = os.path.join(root, "eval_tables", folder)
         diagnose = folder in ("sft", "value_sft", "svpo")
-        done = os.path.exists(os.path.join(eval_dir, "results.json"))
-        if not done:
-            args = ["--config", config_path, "--model_name_or_path", os.path.join(root, folder)]
-            args += ["--system_name", folder, "--output_dir", eval_dir, "--strategies", *strategies]
-            args += ["--value_diagnostic"] if diagnose else []
+        args = ["--config", config_path, "--model_name_or_path", os.path.join(root, folder)]
+        args += ["--system_name", folder, "--output_dir", eval_dir, "--strategies", *strategies]
+        args += ["--value_diagnostic"] if diagnose else []
+        (eval_args,) = parse_stage_args("evaluate", [EvaluateArguments], args)
+        if not _fresh(eval_dir, "evaluate", {"script": eval_args}):
+            rows = run_evaluate(eval_args)
+            mark_stage_done(eval_dir, "evaluate", {"script": eval_args}, {"rows": rows})
             run_evaluate(*parse_stage_args("evaluate", [EvaluateArguments], args))
         for strategy in strategies:
             [path] = [p for p in os.listdir(eval_dir) if p.endswith(f"__{SLUGS[strategy]}.jsonl")]
@@ -140,7 +161,10 @@ def tables(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     seeds = sorted(runs, key=int)
     rows = [r for r in runs[seeds[0]]["correct"] if all(r in runs[s]["correct"] for s in seeds)]
     n = len(runs[seeds[0]]["correct"][rows[0]])
-    lines = [f"#### Accuracy, % ({n} held-out problems, the same for every row; seeds {', '.join(seeds)})", ""]
+    lines = [
+        f"#### Accuracy, % ({n} held-out problems, the same for every row; seeds {', '.join(seeds)})",
+        "",
+    ]
     lines += ["| Model | Decoding | mean ± std | per seed |", "|---|---|---|---|"]
     summary: dict[str, Any] = {"accuracy": {}, "differences": {}, "value": {}}
     for row in rows:
@@ -166,7 +190,11 @@ def tables(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         cells = [format_difference(d) for d in [*per_seed, pooled]]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if all(runs[s].get("value_by_model") for s in seeds):
-        lines += ["", "#### Value diagnostic (held-out states, B2 = 5 candidates per state, gold step labels)", ""]
+        lines += [
+            "",
+            "#### Value diagnostic (held-out states, B2 = 5 candidates per state, gold step labels)",
+            "",
+        ]
         lines += [
             "| seed | model | V within-group | prior within-group | V top-1 | prior top-1 | V AUC | "
             "SBS oracle ceiling | greedy |",

@@ -1,13 +1,22 @@
 """Look inside an MCTS annotation: one question's search trees as an HTML page, or a report with plots.
 
-    python recipes/inspect_search.py tree out/annotation --id q3 --out q3.html [--tree-index 0] [--screenshot q3.png]
+    python recipes/inspect_search.py tree out/annotation --id q3 --out q3.html [--tree_index 0] [--screenshot q3.png]
     python recipes/inspect_search.py report out/annotation --out out/report
 
 ``tree`` reads a local annotation directory (a ``DatasetDict`` folder, or ``trees/``, ``pairs/``,
-``values/`` folders) or a Hub dataset id; ``report`` writes ``report.{md,html,json}`` and PNG plots.
+``values/`` folders) or a Hub dataset id; ``report`` writes ``report.{md,html,json}`` and PNG plots (it
+needs matplotlib: ``pip install 'svpo_trl[viz]'``). Flags take underscores like every other recipe
+(``--tree_index``); the hyphenated forms (``--tree-index``) work too.
 """
 
 import argparse
+
+from svpo_trl.cli import run_recipe
+
+
+def _given(**values):
+    """The keyword arguments that were given on the command line (the rest keep their defaults)."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,10 +28,20 @@ def main(argv: list[str] | None = None) -> None:
     tree.add_argument("source", help="annotation directory or Hub dataset id")
     tree.add_argument("--id", required=True, help="question id (the `id` column of `trees`)")
     tree.add_argument(
-        "--tree-index", type=int, default=None, help="only this tree (default: all, with a selector)"
+        "--tree_index",
+        "--tree-index",
+        type=int,
+        default=None,
+        help="only this tree (default: all, with a selector)",
     )
     tree.add_argument("--out", required=True, help="HTML file to write")
-    tree.add_argument("--max-visible-leaves", type=int, default=40, help="open large trees partly collapsed")
+    tree.add_argument(
+        "--max_visible_leaves",
+        "--max-visible-leaves",
+        type=int,
+        default=None,
+        help="open large trees partly collapsed beyond this many leaves (default: TreeViewConfig's)",
+    )
     tree.add_argument("--screenshot", default=None, help="also save a PNG taken with headless chromium")
     report = commands.add_parser("report", help="write report.md/.html/.json and PNG plots")
     report.add_argument("source", help="annotation directory or Hub dataset id")
@@ -43,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             annotation.pairs,
             args.out,
             tree_index=args.tree_index,
-            config=TreeViewConfig(max_visible_leaves=args.max_visible_leaves),
+            config=TreeViewConfig(**_given(max_visible_leaves=args.max_visible_leaves)),
         )
         print(f"wrote {args.out}")
         if args.screenshot:
@@ -61,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -3,11 +3,14 @@
     python recipes/pipeline.py --config recipes/configs/toy.yaml          # the embedded default (make demo)
     python recipes/pipeline.py --config recipes/configs/toy.yaml --stages evaluate --force
 
-Each stage skips itself when its output exists, so a stopped pipeline resumes where it stopped.
+A stage whose output holds a marker with the same settings is skipped, so a stopped pipeline resumes where
+it stopped; a stage made with other settings (or from an input that ran again) runs again, and its old
+output is moved to ``<dir>.stale-<n>``.
 """
 
 import argparse
 
+from svpo_trl.cli import run_recipe
 from svpo_trl.pipeline import PIPELINE_STAGES, run_pipeline
 
 
@@ -17,10 +20,12 @@ def main(args: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--config", required=True, help="setting YAML with one section per stage")
     parser.add_argument("--stages", nargs="+", choices=PIPELINE_STAGES, help="run only these stages")
-    parser.add_argument("--force", action="store_true", help="re-run stages whose output exists")
+    parser.add_argument(
+        "--force", action="store_true", help="run the stages again even when their output is up to date"
+    )
     parsed = parser.parse_args(args)
     return run_pipeline(parsed.config, stages=parsed.stages, force=parsed.force)
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

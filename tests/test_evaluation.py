@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from svpo_trl.errors import UsageError
 from svpo_trl.evaluation import Strategy, evaluate, majority_vote, results_table, summary_row
 from svpo_trl.search.testing import ScriptedBackend
 from svpo_trl.steps import DEFAULT_FORMAT as F
@@ -58,6 +59,25 @@ def test_strategy_parse_and_labels():
     assert Strategy.parse("maj@8").k == 8
     with pytest.raises(ValueError, match="unknown strategy 'beam'"):
         Strategy.parse("beam")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "sbs(0,5)",
+            r"SBS \(B1=0, B2=5\): the beam width B1 and the samples per beam B2 must both be at least 1",
+        ),
+        ("sbs(2,0)", r"SBS \(B1=2, B2=0\): the beam width B1"),
+        ("maj@0", r"maj@0: k \(the number of sampled solutions\) must be at least 1"),
+    ],
+)
+def test_strategy_parse_refuses_searches_that_cannot_run(text, message):
+    """sbs(0,5) failed only after greedy had run on the whole set; maj@0 crashed with an IndexError."""
+    with pytest.raises(UsageError, match=message):
+        Strategy.parse(text)
+    with pytest.raises(UsageError):
+        Strategy("maj", k=0)
 
 
 def test_greedy_takes_the_policy_path_and_grades_it(tmp_path):

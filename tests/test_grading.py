@@ -188,10 +188,35 @@ def test_is_equiv_table(prediction, gold, expected, style):
 
 @pytest.mark.parametrize(
     ("prediction", "gold"),
-    [(None, "1"), ("", "1"), ("1", ""), ("1", []), (3, "3"), ("\\frac{1}{0}", "1"), ("}{", "\\frac{")],
+    [
+        (None, "1"),
+        ("", "1"),
+        ("1", ""),
+        ("1", []),
+        (True, "1"),
+        ("1", True),
+        ("\\frac{1}{0}", "1"),
+        ("}{", "\\frac{"),
+    ],
 )
 def test_is_equiv_bad_input_is_false_not_an_error(prediction, gold):
     assert is_equiv(prediction, gold) is False
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "expected"),
+    [
+        (5, 5, True),
+        ("5", 5, True),
+        (5, "5", True),
+        ("72", [71, 72.0], True),
+        (0.5, "\\frac{1}{2}", True),
+        ("6", 5, False),
+    ],
+)
+def test_is_equiv_accepts_numeric_answers(prediction, gold, expected):
+    """Numeric golds from a user's own dataset (JSON numbers) grade like their text."""
+    assert is_equiv(prediction, gold) is expected
 
 
 @pytest.mark.parametrize(

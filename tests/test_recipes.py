@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,12 @@ import pytest
 import yaml
 from datasets import Dataset, load_from_disk
 
+from svpo_trl.errors import PathNotFoundError, UsageError
 from svpo_trl.pipeline import stage_done
 from svpo_trl.steps import DEFAULT_FORMAT as F
 from svpo_trl.toy.task import load_toy_problems
 
-from conftest import accelerate_launch
+from conftest import SHARED_DATA, accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -225,15 +227,88 @@ def test_each_recipe_in_order(setting):
 
 
 def test_pipeline_skips_finished_stages_and_prints_the_table(setting, capsys):
+    """Stages the recipes finished with the same setting are up to date for the pipeline: what a trainer
+    does to its arguments while it trains does not make its own marker look stale."""
     root, config = setting
     from svpo_trl.pipeline import run_pipeline
 
-    run_pipeline(config, stages=["sft"])
-    assert "sft: done already" in capsys.readouterr().out
+    stages = ["sft", "value_sft", "svpo", "dpo"]
+    run_pipeline(config, stages=stages)
+    out = capsys.readouterr().out
+    assert all(f"{stage}: done already" in out for stage in stages), out
     rows = run_pipeline(config, stages=["evaluate"])
     out = capsys.readouterr().out
     assert [r["system"] for r in rows] == ["SVPO", "SVPO"]
     assert "| SVPO | greedy |" in out and (root / "results.md").exists()
+    assert run_pipeline(config, stages=["evaluate"]) == rows
+    assert "evaluate SVPO: done already" in capsys.readouterr().out
+
+
+def test_pipeline_reruns_a_stage_made_with_other_settings(tmp_path, capsys):
+    """A 3-step SFT is not reused for a 4-step setting: it runs again, the old output kept aside."""
+    from svpo_trl.pipeline import read_marker, run_pipeline
+
+    setting = tiny_setting(tmp_path)
+    path = tmp_path / "setting.yaml"
+    path.write_text(yaml.safe_dump(setting))
+    run_pipeline(str(path), stages=["sft"])
+    first = read_marker(str(tmp_path / "sft"))
+    assert first["settings"]["training"]["max_steps"] == 3
+    run_pipeline(str(path), stages=["sft"])
+    assert "sft: done already" in capsys.readouterr().out
+
+    setting["sft"]["max_steps"] = 4
+    setting["sft"]["logging_steps"] = 2  # how a stage logs does not decide its output
+    path.write_text(yaml.safe_dump(setting))
+    run_pipeline(str(path), stages=["sft"])
+    out = capsys.readouterr().out
+    assert "made with other settings (max_steps: 3 -> 4); running it again" in out, out
+    assert "logging_steps" not in out
+    assert read_marker(str(tmp_path / "sft"))["settings"]["training"]["max_steps"] == 4
+    assert read_marker(str(tmp_path / "sft.stale-1")) == first  # moved aside, not deleted
+
+
+def test_stage_changes_follow_settings_and_inputs(tmp_path):
+    from svpo_trl.pipeline import (
+        AnnotateScriptArguments,
+        TrainScriptArguments,
+        mark_stage_done,
+        stage_changes,
+    )
+    from svpo_trl.search.mcts import MCTSConfig
+    from svpo_trl.trainer.value_sft_config import ValueSFTConfig
+
+    def annotate(**script):
+        args = AnnotateScriptArguments(model_name_or_path=str(tmp_path / "sft"), **script)
+        return {"script": args, "mcts": MCTSConfig(max_simulations=20, output_dir=str(tmp_path / "ann"))}
+
+    mark_stage_done(str(tmp_path / "sft"), "sft", {"script": {"model_name_or_path": "toy"}}, {})
+    mark_stage_done(str(tmp_path / "ann"), "annotate", annotate(limit=6), {})
+    assert stage_changes(str(tmp_path / "ann"), "annotate", annotate(limit=6, generation_batch_size=7)) == {}
+    assert stage_changes(str(tmp_path / "ann"), "annotate", annotate(limit=200)) == {"limit": (6, 200)}
+    assert stage_changes(str(tmp_path / "nowhere"), "annotate", annotate(limit=6)) is None
+
+    def value_sft(**training):
+        script = TrainScriptArguments(
+            model_name_or_path=str(tmp_path / "sft"), annotation_dir=str(tmp_path / "ann")
+        )
+        args = ValueSFTConfig(output_dir=str(tmp_path / "v"), use_cpu=True, report_to="none", **training)
+        return {"script": script, "training": args.to_dict()}
+
+    mark_stage_done(str(tmp_path / "v"), "value_sft", value_sft(), {})
+    assert (
+        stage_changes(str(tmp_path / "v"), "value_sft", value_sft(logging_steps=3, save_strategy="no")) == {}
+    )
+    assert stage_changes(str(tmp_path / "v"), "value_sft", value_sft(mse_weight=0.5)) == {
+        "mse_weight": (0.01, 0.5)
+    }
+    # The annotation it was trained on is made again with other settings: the value model is out of date.
+    mark_stage_done(str(tmp_path / "ann"), "annotate", annotate(limit=200), {})
+    assert list(stage_changes(str(tmp_path / "v"), "value_sft", value_sft())) == ["input annotation_dir"]
+    # A marker from before settings were recorded is never taken as up to date.
+    marker = tmp_path / "v" / "svpo_stage.json"
+    marker.write_text(json.dumps({"stage": "value_sft", "configs": {}, "results": {}}))
+    assert "settings" in stage_changes(str(tmp_path / "v"), "value_sft", value_sft())
 
 
 def test_svpo_recipe_names_an_unknown_recipe(setting):
@@ -242,6 +317,97 @@ def test_svpo_recipe_names_an_unknown_recipe(setting):
 
     with pytest.raises(ValueError, match="recipe 'nope' unknown"):
         svpo.main(["--config", config, "--recipe", "nope", "--output_dir", os.devnull + "_x"])
+
+
+def test_missing_local_paths_fail_before_anything_loads(setting):
+    root, config = setting
+    import annotate
+    import evaluate
+    import sft
+    import svpo
+    import value_sft
+
+    missing = str(root / "not_run_yet" / "sft")
+    for recipe, extra in [
+        (annotate, []),
+        (evaluate, ["--output_dir", str(root / "eval_missing")]),
+        (value_sft, []),
+        (svpo, []),
+        (sft, ["--dataset_name", str(root / "steps.jsonl")]),
+    ]:
+        with pytest.raises(PathNotFoundError, match=f"--model_name_or_path: path does not exist: {missing}$"):
+            recipe.main(["--config", config, "--model_name_or_path", missing, *extra])
+    with pytest.raises(
+        PathNotFoundError, match=r"--annotation_dir: path does not exist: outputs_x/toy/annotation"
+    ):
+        value_sft.main(["--config", config, "--annotation_dir", "outputs_x/toy/annotation"])
+
+
+def test_a_user_error_is_one_line_without_traceback(tmp_path):
+    """The README's annotate example before stage 0 ran: an error line naming the path, in seconds (it was a
+    minute of Hub retries, then "Repo id must be in the form ...")."""
+    missing = "outputs/toy_not_there/sft"
+    cmd = [sys.executable, str(REPO / "recipes" / "annotate.py"), "--model_name_or_path", missing]
+    done = subprocess.run(
+        [*cmd, "--output_dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"annotate.py: error: --model_name_or_path: path does not exist: {missing} ({tmp_path / missing})"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_evaluation_strategies_are_checked_before_any_solving(setting):
+    root, config = setting
+    import evaluate
+
+    args = [
+        "--config",
+        config,
+        "--model_name_or_path",
+        str(root / "sft"),
+        "--output_dir",
+        str(root / "eval_bad"),
+    ]
+    for bad, message in [
+        ("sbs(0,5)", "B1 and the samples per beam B2 must both be at least 1"),
+        ("maj@0", "maj@0"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            evaluate.main([*args, "--strategies", "greedy", bad])
+    assert not (root / "eval_bad").exists()  # greedy did not run first
+
+
+def test_sft_recipe_trains_on_step_format_files_and_converted_gsm8k(setting):
+    """Stage 0 on a real (here: the tiny toy) checkpoint, from a {question, answer, solution} file and from
+    GSM8K rows converted by --convert_gsm8k; the GSM8K folder without it is refused and not marked done."""
+    root, config = setting
+    import sft
+
+    rows = [
+        {**row, "answer": f"{row['answer']}\n#### {row['answer']}"} for row in load_toy_problems("train", 8)
+    ]
+    steps = root / "steps.jsonl"
+    steps.write_text(
+        "".join(json.dumps({k: r[k] for k in ("question", "answer", "solution")}) + "\n" for r in rows)
+    )
+    base = ["--config", config, "--model_name_or_path", str(root / "sft"), "--max_steps", "1"]
+    results = sft.main([*base, "--dataset_name", str(steps), "--output_dir", str(root / "sft_steps")])
+    assert (results["train_rows"], results["dropped_rows"]) == (8, 0)
+    assert stage_done(str(root / "sft_steps"))
+
+    gsm8k = root / "gsm8k_head.jsonl"
+    gsm8k.write_text("".join((Path(SHARED_DATA) / "gsm8k" / "train.jsonl").read_text().splitlines(True)[:40]))
+    out = root / "sft_gsm8k"
+    results = sft.main([*base, "--dataset_name", str(gsm8k), "--convert_gsm8k", "--output_dir", str(out)])
+    assert (results["train_rows"], results["dropped_rows"]) == (38, 2)
+    assert results["dropped_by_reason"] == {"no calculation": 1, "no calculation gives the gold": 1}
+
+    refused = root / "sft_calculator_text"
+    with pytest.raises(UsageError, match=r"train.jsonl, line 1: no 'solution' field.*--convert_gsm8k"):
+        sft.main([*base, "--dataset_name", str(Path(SHARED_DATA) / "gsm8k"), "--output_dir", str(refused)])
+    assert not stage_done(str(refused))
 
 
 def test_evaluate_runs_under_accelerate_launch(setting):

@@ -534,6 +534,38 @@ def test_tree_page_in_headless_chromium(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+def test_tree_page_fills_the_window_with_legible_labels(tmp_path):
+    """A 1400x900 window: the default view of a 301-node tree spans most of the canvas both ways (it filled
+    the top ~40%), and its node labels are at least 10 px on screen (they were ~6 px)."""
+    from svpo_trl.viz import render_question_html
+    from svpo_trl.viz.browser import dump_dom
+
+    chromium = _chromium()
+    tree = synthetic_tree(seed=0)
+    page = tmp_path / "question.html"
+    render_question_html([tree], "q0", synthetic_pairs(tree), page)
+    dom = dump_dom(page, "tree=0", width=1400, height=900, chromium=chromium)
+    width, height = map(float, re.search(r'data-size="([\d.]+)x([\d.]+)"', dom).groups())
+    tx, ty, k = map(
+        float,
+        re.search(
+            r'id="viewport" transform="translate\(([-\d.e]+),([-\d.e]+)\) scale\(([\d.e]+)\)"', dom
+        ).groups(),
+    )
+    nodes = [
+        tuple(map(float, xy))
+        for xy in re.findall(
+            r'<g class="node[^"]*" data-id="\d+" transform="translate\(([-\d.]+),([-\d.]+)\)"', dom
+        )
+    ]
+    xs, ys = [tx + k * x for x, _ in nodes], [ty + k * y for _, y in nodes]
+    assert (max(xs) - min(xs)) / width > 0.85 and (max(ys) - min(ys)) / height > 0.75
+    assert min(xs) >= 0 and max(xs) <= width and min(ys) >= 0 and max(ys) <= height
+    fonts = {float(f) for f in re.findall(r'<text class="label" y="[\d.]+" font-size="([\d.]+)"', dom)}
+    assert len(fonts) == 1 and fonts.pop() * k >= 10
+    assert float(re.search(r'data-label-px="([\d.]+)"', dom)[1]) >= 10
+
+
 # ------------------------------------------------------------------------------------ report
 
 
@@ -581,6 +613,10 @@ def test_annotation_report_numbers(tmp_path):
         and "![Pairs per type](pairs_per_type.png)" in markdown
     )
     assert (tmp_path / "report" / "report.html").read_text().count("data:image/png;base64,") == 5
+    # The Q plot says what it counts (it counted visited nodes only without saying so)
+    caption = "Q of visited nodes only (N > 0); 2 unvisited nodes left out"
+    assert "## Q-value histogram by depth (visited nodes)\n\n" + caption in markdown
+    assert caption.replace(">", "&gt;") in (tmp_path / "report" / "report.html").read_text()
 
 
 # ------------------------------------------------------------------------------------ the annotator's output
@@ -664,3 +700,27 @@ def test_cli_on_the_annotators_output(tmp_path):
         report["terminals"]["correct"] == 3
         and report["solve_rate"]["problems_solved"] == summary["solved"] == 1
     )
+
+
+@pytest.mark.parametrize("flag", ["--tree_index", "--tree-index"])
+def test_inspect_recipe_takes_underscore_flags_and_keeps_hyphen_aliases(tmp_path, flag):
+    cli = runpy.run_path(str(REPO / "recipes" / "inspect_search.py"), run_name="inspect_recipe")
+    annotation = save_annotation(tmp_path / "ann")
+    page = tmp_path / "q.html"
+    cli["main"](
+        ["tree", str(annotation), "--id", "q1", flag, "1", "--max_visible_leaves", "5", "--out", str(page)]
+    )
+    data = json.loads(re.search(r'id="tree-data">(.*?)</script>', page.read_text(), re.S)[1])
+    assert [t["tree_index"] for t in data["trees"]] == [1] and data["config"]["max_visible_leaves"] == 5
+
+
+def test_report_without_matplotlib_names_the_viz_extra(tmp_path, monkeypatch):
+    from svpo_trl.errors import MissingExtraError
+    from svpo_trl.viz import annotation_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(
+        MissingExtraError, match=r"matplotlib, which is not installed: pip install 'svpo_trl\[viz\]'"
+    ):
+        annotation_report(save_annotation(tmp_path / "ann"), tmp_path / "report")
+    assert not (tmp_path / "report").exists()

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .errors import PathNotFoundError, UsageError
 from .grading import extract_gold_answers
 from .steps import last_boxed
 
@@ -80,7 +81,7 @@ _DEFAULT_SPLIT = "test"
 _SPLIT_FILES = ("{split}.jsonl", "{split}.json", "{split}_annotated.json", "{split}_annotated.jsonl")
 
 
-class ProblemFormatError(ValueError):
+class ProblemFormatError(UsageError):
     """A problem file or row that cannot be read; the message names the file, the row and the field."""
 
 
@@ -279,7 +280,7 @@ def _resolve_file(path: str, split: str | None) -> tuple[str, str]:
         if os.path.isfile(candidate):
             return candidate, split
     available = sorted(f for f in os.listdir(path) if f.endswith((".json", ".jsonl")))
-    raise FileNotFoundError(
+    raise PathNotFoundError(
         f"{path}: no file for split {split!r} (looked for {', '.join(os.path.basename(c) for c in candidates)}; "
         f"found {available})"
     )
@@ -305,7 +306,7 @@ def _load_hub(name: str, split: str):
 
     sources = HUB_SOURCES[name]
     if split not in sources:
-        raise ValueError(f"{name} has no split {split!r} on the Hub; available: {sorted(sources)}")
+        raise UsageError(f"{name} has no split {split!r} on the Hub; available: {sorted(sources)}")
     spec = sources[split]
     source = spec.get("url") or spec["path"]
     if "url" in spec:
@@ -375,7 +376,7 @@ def load_problems(name_or_path: str, split: str | None = None):
     name = name_or_path.lower()
     if name in HUB_SOURCES:
         return _load_hub(name, split or _DEFAULT_SPLIT)
-    raise FileNotFoundError(
+    raise PathNotFoundError(
         f"{name_or_path!r} is neither a file, a directory, nor a known benchmark "
         f"({', '.join(sorted(HUB_SOURCES))}, toy)"
     )

@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .distributed import ProcessShard
+from .errors import UsageError
 from .grading import is_equiv
 from .search.backends import GenerationBackend
 from .search.sampler import StepSampler
@@ -49,8 +50,23 @@ class Strategy:
     k: int = 1
     temperature: float | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here, not when the search starts: an evaluation runs every strategy's checks before any
+        # solving, so sbs(0,5) fails at once instead of after greedy decoded the whole set.
+        if self.kind not in ("greedy", "sbs", "maj"):
+            raise UsageError(f"strategy kind {self.kind!r} unknown: expected 'greedy', 'sbs' or 'maj'")
+        if self.kind == "sbs" and (self.beam_width < 1 or self.num_samples < 1):
+            raise UsageError(
+                f"{self.label}: the beam width B1 and the samples per beam B2 must both be at least 1"
+            )
+        if self.kind == "maj" and self.k < 1:
+            raise UsageError(f"maj@{self.k}: k (the number of sampled solutions) must be at least 1")
+        if self.temperature is not None and self.temperature < 0:
+            raise UsageError(f"{self.label}: temperature must be >= 0, got {self.temperature}")
+
     @classmethod
     def parse(cls, text: str) -> Strategy:
+        """``greedy``, ``sbs(B1,B2)`` (also ``sbs:B1xB2``) or ``maj@k``; B1, B2, k at least 1."""
         spec = text.strip().lower().replace(" ", "")
         if spec == "greedy":
             return cls("greedy")
@@ -58,7 +74,7 @@ class Strategy:
             return cls("sbs", beam_width=int(match.group(1)), num_samples=int(match.group(2)))
         if match := _MAJ.match(spec):
             return cls("maj", k=int(match.group(1)))
-        raise ValueError(f"unknown strategy {text!r}: expected 'greedy', 'sbs(B1,B2)' or 'maj@k'")
+        raise UsageError(f"unknown strategy {text!r}: expected 'greedy', 'sbs(B1,B2)' or 'maj@k'")
 
     @property
     def label(self) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import numbers
 import os
 import re
 import signal
@@ -450,8 +451,25 @@ def _call_in_helper_process(prediction: str, golds: list[str], seconds: float) -
         return False
 
 
-def is_equiv(prediction: str | None, gold: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> bool:
+def _answer_text(value: Any) -> str | None:
+    """An answer as text: strings as they are, numbers (a user's own dataset may store ``72``) as
+    ``str``; anything else (None, bools, containers) is no answer."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def is_equiv(
+    prediction: str | float | None,
+    gold: str | float | Sequence[str | float],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> bool:
     """Whether ``prediction`` is mathematically equivalent to ``gold`` (or to any answer of a list).
+
+    Either side may also be a number (``is_equiv("5", 5)``: numeric golds of a user's own dataset).
 
     Order: cleaned strings equal (:func:`normalize_answer`); text answers (``\\text{even}``)
     compared as lower-cased words; two plain numbers compared with relative tolerance 1e-4;
@@ -469,11 +487,13 @@ def is_equiv(prediction: str | None, gold: str | Sequence[str], *, timeout: floa
     worker processes (``ProcessPoolExecutor`` runs tasks in the worker's main thread).
     """
     try:
-        golds = [gold] if isinstance(gold, str) else list(gold)
-        if not isinstance(prediction, str) or not golds:
+        prediction = _answer_text(prediction)
+        golds = [gold] if _answer_text(gold) is not None else list(gold)
+        golds = [text for text in map(_answer_text, golds) if text is not None]
+        if prediction is None or not golds:
             return False
         prediction = normalize_answer(prediction)
-        golds = [normalize_answer(g) for g in golds if isinstance(g, str)]
+        golds = [normalize_answer(g) for g in golds]
         undecided = []
         for g in golds:
             decision = _fast_equiv(prediction, g)

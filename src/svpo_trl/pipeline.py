@@ -8,12 +8,16 @@
 | 3. SVPO (or solution-level DPO) | Eq. 8–10 | :func:`run_svpo` |
 | 4. evaluation | §3.3, Table 2 | :func:`run_evaluate` |
 
-Each stage writes ``svpo_stage.json`` into its output directory when it has finished; the pipeline
-skips a stage whose marker exists, so a stopped pipeline resumes at the first unfinished stage.
+Each stage writes ``svpo_stage.json`` into its output directory when it has finished, recording the
+settings that decide its output (:func:`stage_settings`) and a fingerprint of them. The pipeline skips a
+stage whose marker has the same settings, so a stopped pipeline resumes at the first unfinished stage; a
+stage made with other settings (or from an input that has changed since) runs again, its old output moved
+aside, and the differing fields are printed (:func:`stage_changes`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -21,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .distributed import ProcessShard
+from .errors import PathNotFoundError, UsageError, require_path
 
 STAGE_MARKER = "svpo_stage.json"
 
@@ -70,10 +75,18 @@ class SFTScriptArguments:
     dataset_name: str = field(
         default="toy",
         metadata={
-            "help": "Dataset with 'question' and step-format 'solution' columns (Hub id, path, or 'toy')."
+            "help": "SFT data: rows with 'question' (or 'problem') and a step-format 'solution' (JSONL/JSON "
+            "file, folder, saved dataset, Hub id), or 'toy'; with --convert_gsm8k, GSM8K rows."
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of dataset_name."})
+    convert_gsm8k: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on GSM8K answers converted to the step format (<<expr=value>> marks become code "
+            "steps); rows that do not convert are dropped and counted."
+        },
+    )
     toy_num_train_problems: int = field(
         default=2000, metadata={"help": "Toy: train problems (calibrated: 2000)."}
     )
@@ -113,6 +126,16 @@ class TrainScriptArguments:
     annotation_dir: str = field(
         metadata={"help": "Output directory of the annotation stage (or a Hub dataset)."}
     )
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2 (needs the flash-attn extra)."}
+    )
+
+
+@dataclass
+class SVPOScriptArguments(TrainScriptArguments):
+    """Stage 3: also which annotation dataset and which weight preset (an ablation or solution-level DPO)."""
+
     dataset_config: str = field(
         default="pairs",
         metadata={
@@ -125,10 +148,6 @@ class TrainScriptArguments:
             "help": "Named weight preset of SVPOConfig: svpo, svpo_no_margin, svpo_no_mse, svpo_no_regularization, "
             "dpo. Applied over the config's weights."
         },
-    )
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "eager, sdpa or flash_attention_2 (needs the flash-attn extra)."}
     )
 
 
@@ -185,10 +204,66 @@ class EvaluateArguments(SearchBackendArguments):
     )
 
 
-# ---------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------- stage markers
+# Script arguments that say how a stage runs, not what it produces: changing them reuses its output.
+_EXECUTION_FIELDS = frozenset(
+    {
+        "output_dir",
+        "distributed_timeout_hours",
+        "backend",
+        "generation_batch_size",
+        "batch_size",
+        "hub_dataset_id",
+        "resume",
+    }
+)
+# TrainingArguments fields that change the trained weights (the rest is logging, saving, devices, hubs).
+_TRAINING_FIELDS = frozenset(
+    {
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "seed",
+        "data_seed",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_steps",
+        "optim",
+        "optim_args",
+        "bf16",
+        "fp16",
+        "label_smoothing_factor",
+        "neftune_noise_alpha",
+        "train_sampling_strategy",
+    }
+)
+# Fields the TRL / svpo_trl configs add to TrainingArguments that do not change the weights either.
+_TRAINING_EXECUTION_FIELDS = frozenset(
+    {"dataset_num_proc", "activation_offloading", "precompute_ref_batch_size", "eval_packing", "pad_token"}
+)
+# Script arguments naming the output of an earlier stage: its marker's fingerprint joins the settings.
+_INPUT_FIELDS = ("model_name_or_path", "annotation_dir")
+
+
 def stage_done(output_dir: str) -> bool:
-    """Whether a stage already finished in ``output_dir`` (its marker exists)."""
+    """Whether a stage finished in ``output_dir`` (its marker exists), whatever its settings."""
     return os.path.exists(os.path.join(output_dir, STAGE_MARKER))
+
+
+def read_marker(output_dir: str) -> dict[str, Any] | None:
+    """The marker a finished stage left in ``output_dir``, or None."""
+    path = os.path.join(output_dir, STAGE_MARKER)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def _jsonable(value: Any) -> Any:
@@ -203,10 +278,102 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _training_settings(training: dict[str, Any]) -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    base = {f.name for f in fields(TrainingArguments)}
+    return {
+        key: value
+        for key, value in training.items()
+        if key in _TRAINING_FIELDS or (key not in base and key not in _TRAINING_EXECUTION_FIELDS)
+    }
+
+
+def stage_settings(stage: str, configs: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide what ``stage`` produces, from the configs its runner records.
+
+    ``configs`` holds ``script`` (the script arguments), ``training`` (``TrainingArguments.to_dict()``) and/or
+    ``mcts`` (the :class:`~svpo_trl.search.mcts.MCTSConfig`). How a stage runs (output directory, batch size
+    of generation, logging, saving, devices, the vLLM engine) is left out. ``inputs`` holds the fingerprint
+    of the marker at ``model_name_or_path`` / ``annotation_dir`` when those are outputs of earlier stages, so
+    a stage whose input was made again with other settings is out of date too.
+    """
+    from .search.mcts import _RESULT_FIELDS
+
+    configs = _jsonable(configs)
+    script = configs.get("script") or {}
+    settings: dict[str, Any] = {
+        "stage": stage,
+        "script": {
+            k: v for k, v in script.items() if k not in _EXECUTION_FIELDS and not k.startswith("vllm_")
+        },
+    }
+    if "training" in configs:
+        settings["training"] = _training_settings(configs["training"])
+    if "mcts" in configs:
+        settings["mcts"] = {k: configs["mcts"][k] for k in _RESULT_FIELDS if k in configs["mcts"]}
+    inputs = {}
+    for name in _INPUT_FIELDS:
+        path = script.get(name)
+        marker = read_marker(path) if isinstance(path, str) and os.path.isdir(path) else None
+        if marker is not None:
+            inputs[name] = marker.get("fingerprint")
+    settings["inputs"] = inputs
+    return settings
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(settings: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key in ("script", "training", "mcts", "inputs"):
+            prefix = "input " if key == "inputs" else ""
+            flat.update({f"{prefix}{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def stage_changes(output_dir: str, stage: str, configs: dict[str, Any]) -> dict[str, tuple[Any, Any]] | None:
+    """How the stage in ``output_dir`` differs from what ``configs`` would make.
+
+    Returns None when ``output_dir`` holds no finished stage, ``{}`` when its marker has the same settings,
+    else ``{field: (recorded, now)}`` (``input annotation_dir``: that input was made again since). A marker
+    written before settings were recorded differs in ``settings``.
+    """
+    marker = read_marker(output_dir)
+    if marker is None:
+        return None
+    if "settings" not in marker:
+        return {"settings": ("not recorded (an older svpo_trl)", "recorded")}
+    old, new = _flatten(marker["settings"]), _flatten(stage_settings(stage, configs))
+    missing = object()
+    return {
+        key: (None if old.get(key, missing) is missing else old[key], new.get(key))
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    }
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``max_steps: 250 -> 600, limit: 6 -> 200`` for a message."""
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
 def mark_stage_done(output_dir: str, stage: str, configs: dict[str, Any], results: dict[str, Any]) -> None:
-    """Write the stage marker and a model/dataset card recording the config and the measured results."""
+    """Write the stage marker (settings, their fingerprint, configs, results) and a model/dataset card."""
     os.makedirs(output_dir, exist_ok=True)
-    record = {"stage": stage, "configs": _jsonable(configs), "results": _jsonable(results)}
+    settings = stage_settings(stage, configs)
+    record = {
+        "stage": stage,
+        "settings": settings,
+        "fingerprint": _fingerprint(settings),
+        "configs": _jsonable(configs),
+        "results": _jsonable(results),
+    }
     card = [
         f"# svpo_trl — {stage}",
         "",
@@ -238,49 +405,27 @@ def mark_stage_done(output_dir: str, stage: str, configs: dict[str, Any], result
     os.replace(tmp, os.path.join(output_dir, STAGE_MARKER))
 
 
-def _dtype(name: str):
-    import torch
+def move_aside(output_dir: str) -> str:
+    """Rename ``output_dir`` to ``<output_dir>.stale-<n>`` (the first free n) and return the new name.
 
-    if name == "auto":
-        return (
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        )
-    return getattr(torch, name)
-
-
-def load_policy(
-    model_name_or_path: str,
-    dtype: str = "auto",
-    *,
-    value_head: bool | None = None,
-    device: str | None = None,
-    **kwargs: Any,
-):
-    """Load a model and its tokenizer for search/evaluation, in eval mode on ``device``.
-
-    ``value_head=None`` loads a value head when the checkpoint has one (SBS needs it), a plain
-    causal LM otherwise. ``device=None`` is the first GPU when there is one, else the CPU (under
-    ``accelerate launch`` pass :attr:`ProcessShard.device`, the process's own GPU).
+    An out-of-date stage runs again in an empty directory: the trainers would leave old files beside new
+    ones, and the annotator would resume trees made by another policy. Nothing is deleted.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    base = os.path.normpath(output_dir)
+    n = 1
+    while os.path.exists(f"{base}.stale-{n}"):
+        n += 1
+    os.rename(base, f"{base}.stale-{n}")
+    return f"{base}.stale-{n}"
 
-    from .models.value_head import ValueHeadForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    if value_head is None:
-        value_head = bool(getattr(AutoConfig.from_pretrained(model_name_or_path), "has_value_head", False))
-    loader = ValueHeadForCausalLM if value_head else AutoModelForCausalLM
-    model = loader.from_pretrained(model_name_or_path, dtype=_dtype(dtype), **kwargs)
-    if device is None and torch.cuda.is_available():
-        device = "cuda"
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+def __getattr__(name: str) -> Any:
+    # load_policy moved below the pipeline and the search backends (no import cycle); old imports still work.
+    if name == "load_policy":
+        from .models.loading import load_policy
+
+        return load_policy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _load_annotation(annotation_dir: str, name: str):
@@ -292,7 +437,7 @@ def _load_annotation(annotation_dir: str, name: str):
     if os.path.isdir(path):
         return load_saved_dataset(path)
     if os.path.isdir(annotation_dir):
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"{annotation_dir} has no '{name}' dataset: run the annotation stage first "
             f"(expected {path}, found {sorted(os.listdir(annotation_dir))})"
         )
@@ -300,15 +445,29 @@ def _load_annotation(annotation_dir: str, name: str):
 
 
 # ---------------------------------------------------------------------------- stages
-def run_sft(script_args: SFTScriptArguments, training_args) -> dict[str, Any]:
-    """Stage 0: an SFT policy that writes solutions in the step format (TRL ``SFTTrainer``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer
+def _prepare_sft(script_args: SFTScriptArguments, training_args) -> None:
+    """What run_sft sets on the arguments before it trains (also before the pipeline compares settings)."""
+    del script_args
+    # The question and the environment-written <output> blocks are context, not targets.
+    training_args.completion_only_loss = True
 
-    from .data import load_problems
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_sft(script_args: SFTScriptArguments, training_args) -> dict[str, Any]:
+    """Stage 0: an SFT policy that writes solutions in the step format (TRL ``SFTTrainer``).
+
+    The data is read and checked before the model loads (:func:`svpo_trl.sft_data.load_sft_dataset`): a
+    row that is not in the step format stops the stage with the file, row and field named; with
+    ``convert_gsm8k`` GSM8K answers are converted and the rows that do not convert are dropped and counted.
+    """
     from .toy.bootstrap import ToySFTConfig, bootstrap_sft_policy, tokenize_sft_dataset
 
+    _prepare_sft(script_args, training_args)
     output_dir = training_args.output_dir
+    configs = {"script": script_args, "training": training_args.to_dict()}
     if script_args.model_name_or_path == "toy":
         toy = ToySFTConfig(
             num_train_problems=script_args.toy_num_train_problems,
@@ -322,21 +481,25 @@ def run_sft(script_args: SFTScriptArguments, training_args) -> dict[str, Any]:
         )
         result = bootstrap_sft_policy(output_dir, config=toy)
         results = {"final_train_loss": result.final_train_loss, "train_seconds": result.train_seconds}
-        mark_stage_done(output_dir, "sft", {"script": script_args, "toy": toy}, results)
+        mark_stage_done(output_dir, "sft", {**configs, "toy": toy}, results)
         return results
+    require_path(script_args.model_name_or_path, "model_name_or_path")
+    from .sft_data import load_sft_dataset
+
+    data = load_sft_dataset(
+        script_args.dataset_name, script_args.dataset_split, convert_gsm8k=script_args.convert_gsm8k
+    )
+    if _is_main_process():
+        print(f"[sft] {data.summary()}", flush=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(script_args.model_name_or_path)
-    problems = load_problems(script_args.dataset_name, script_args.dataset_split)
-    if "solution" not in problems.column_names:
-        raise ValueError(
-            f"{script_args.dataset_name}: SFT needs a 'solution' column in the step format, "
-            f"found columns {problems.column_names}"
-        )
-    training_args.completion_only_loss = True
     trainer = SFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=tokenize_sft_dataset(problems, tokenizer),
+        train_dataset=tokenize_sft_dataset(data.dataset, tokenizer),
         processing_class=tokenizer,
     )
     began = time.perf_counter()
@@ -344,8 +507,14 @@ def run_sft(script_args: SFTScriptArguments, training_args) -> dict[str, Any]:
     trainer.save_model(output_dir)
     tokenizer.save_pretrained(output_dir)
     logs = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    results = {"final_train_loss": logs[-1] if logs else None, "train_seconds": time.perf_counter() - began}
-    mark_stage_done(output_dir, "sft", {"script": script_args, "training": training_args.to_dict()}, results)
+    results = {
+        "final_train_loss": logs[-1] if logs else None,
+        "train_seconds": time.perf_counter() - began,
+        "train_rows": len(data.dataset),
+        "dropped_rows": data.dropped,
+        "dropped_by_reason": data.drop_reasons,
+    }
+    mark_stage_done(output_dir, "sft", configs, results)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return results
@@ -360,9 +529,10 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
     from .search.solution_pairs import solution_level_pairs
     from .search.vllm_backend import make_backend, vllm_options_from
 
+    require_path(script_args.model_name_or_path, "model_name_or_path")
     output_dir = mcts_config.output_dir
     if not output_dir:
-        raise ValueError("annotate: set output_dir (where trees/, pairs/, values/ are written)")
+        raise UsageError("annotate: set output_dir (where trees/, pairs/, values/ are written)")
     shard = ProcessShard.from_environment(script_args.distributed_timeout_hours)
     problems = load_problems(script_args.dataset_name, script_args.dataset_split)
     if script_args.limit is not None:
@@ -448,15 +618,22 @@ def _train_and_save(trainer, tokenizer, stage: str, script_args, **results: Any)
     return results
 
 
+def _require_inputs(script_args: TrainScriptArguments) -> None:
+    """A missing local model or annotation folder stops a training stage before anything loads."""
+    require_path(script_args.model_name_or_path, "model_name_or_path")
+    require_path(script_args.annotation_dir, "annotation_dir")
+
+
 def _load_trainable(script_args: TrainScriptArguments, seed: int = 0):
     from transformers import AutoTokenizer, set_seed
 
+    from .models.loading import torch_dtype
     from .models.value_head import ValueHeadForCausalLM
 
     # Seeded before loading, so that anything a model draws while it is built is the same on every run and
     # every process (a new value head itself starts at zero).
     set_seed(seed)
-    kwargs: dict[str, Any] = {"dtype": _dtype(script_args.dtype)}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(script_args.dtype)}
     if script_args.attn_implementation:
         kwargs["attn_implementation"] = script_args.attn_implementation
     model = ValueHeadForCausalLM.from_pretrained(script_args.model_name_or_path, **kwargs)
@@ -470,26 +647,35 @@ def run_value_sft(script_args: TrainScriptArguments, training_args) -> dict[str,
     """Stage 2: SFT on correct solutions + MSE of the value head on every step (Eq. 7)."""
     from .trainer.value_sft_trainer import ValueSFTTrainer
 
+    _require_inputs(script_args)
     model, tokenizer = _load_trainable(script_args, training_args.seed)
     values = _load_annotation(script_args.annotation_dir, "values")
     trainer = ValueSFTTrainer(model, args=training_args, train_dataset=values, processing_class=tokenizer)
     return _train_and_save(trainer, tokenizer, "value_sft", script_args)
 
 
-def run_svpo(script_args: TrainScriptArguments, training_args) -> dict[str, Any]:
-    """Stage 3: SVPO (Eq. 10) on step-level pairs, or a named ablation / the solution-level DPO baseline."""
+def apply_recipe(script_args: SVPOScriptArguments, training_args) -> None:
+    """Set the weights of ``--recipe`` (an ablation, or ``dpo``) on ``training_args``; idempotent."""
     from .trainer.svpo_config import RECIPES
+
+    if script_args.recipe is None:
+        return
+    if script_args.recipe not in RECIPES:
+        raise UsageError(f"recipe {script_args.recipe!r} unknown: expected one of {sorted(RECIPES)}")
+    for name, value in RECIPES[script_args.recipe].items():
+        setattr(training_args, name, value)
+
+
+def run_svpo(script_args: SVPOScriptArguments, training_args) -> dict[str, Any]:
+    """Stage 3: SVPO (Eq. 10) on step-level pairs, or a named ablation / the solution-level DPO baseline."""
     from .trainer.svpo_trainer import SVPOTrainer
 
-    if script_args.recipe is not None:
-        if script_args.recipe not in RECIPES:
-            raise ValueError(f"recipe {script_args.recipe!r} unknown: expected one of {sorted(RECIPES)}")
-        for name, value in RECIPES[script_args.recipe].items():
-            setattr(training_args, name, value)
+    apply_recipe(script_args, training_args)
+    _require_inputs(script_args)
     model, tokenizer = _load_trainable(script_args, training_args.seed)
     pairs = _load_annotation(script_args.annotation_dir, script_args.dataset_config)
     if len(pairs) == 0:
-        raise ValueError(
+        raise UsageError(
             f"{script_args.annotation_dir}/{script_args.dataset_config} has no pairs: MCTS found no question with "
             "both a correct and an incorrect step (annotate more problems or more simulations)"
         )
@@ -498,7 +684,10 @@ def run_svpo(script_args: TrainScriptArguments, training_args) -> dict[str, Any]
 
 
 def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
-    """Stage 4: every strategy on every dataset; per-problem JSONL, ``results.json`` and ``results.md``."""
+    """Stage 4: every strategy on every dataset; per-problem JSONL, ``results.json`` and ``results.md``.
+
+    Strategies, the model path and every problem set are checked before any solving starts.
+    """
     from .data import load_problems
     from .evaluation import Strategy, evaluate, results_table, summary_row
     from .search.vllm_backend import make_backend, vllm_options_from
@@ -509,6 +698,13 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             Strategy(**{**asdict(s), "temperature": args.sbs_temperature}) if s.kind == "sbs" else s
             for s in strategies
         ]
+    require_path(args.model_name_or_path, "model_name_or_path")
+    problem_sets = []
+    for dataset_name in args.datasets:
+        problems = load_problems(dataset_name, args.dataset_split)
+        if args.limit is not None:
+            problems = problems.select(range(min(args.limit, len(problems))))
+        problem_sets.append((os.path.basename(os.path.normpath(dataset_name)), problems))
     shard = ProcessShard.from_environment(args.distributed_timeout_hours)
     backend = make_backend(
         args.backend,
@@ -522,11 +718,7 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
     )
     system = args.system_name or os.path.basename(os.path.normpath(args.model_name_or_path))
     rows = []
-    for dataset_name in args.datasets:
-        problems = load_problems(dataset_name, args.dataset_split)
-        if args.limit is not None:
-            problems = problems.select(range(min(args.limit, len(problems))))
-        label = os.path.basename(os.path.normpath(dataset_name))
+    for label, problems in problem_sets:
         for strategy in strategies:
             result = evaluate(
                 backend,
@@ -597,10 +789,53 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
+# The stage whose runner a pipeline stage uses, as its marker names it (dpo is SVPO with the dpo recipe).
+_MARKER_STAGE = {"dpo": "svpo"}
+
+
+def _stage_configs(stage: str, parsed: tuple) -> dict[str, Any]:
+    """What the stage's runner records in its marker, from its parsed arguments (after its preparation)."""
+    script_args, config = parsed
+    if stage == "annotate":
+        return {"script": script_args, "mcts": config}
+    return {"script": script_args, "training": config.to_dict()}
+
+
+def _prepare(stage: str, parsed: tuple) -> None:
+    """The changes a runner makes to its arguments before it records them (idempotent)."""
+    if stage == "sft":
+        _prepare_sft(*parsed)
+    elif stage in ("svpo", "dpo"):
+        apply_recipe(*parsed)
+
+
+def _out_of_date(
+    name: str, output_dir: str, stage: str, configs: dict[str, Any], force: bool, shard: ProcessShard
+) -> bool:
+    """Whether to run a stage: not finished, finished with other settings, or forced. A finished output that
+    runs again is moved aside first (on the main process) and the reason is printed."""
+    changes = stage_changes(output_dir, stage, configs)
+    if changes is None:
+        return True
+    if not changes and not force:
+        print(f"[pipeline] {name}: done already in {output_dir} (same settings), skipping")
+        return False
+    reason = "--force" if not changes else f"made with other settings ({describe_changes(changes)})"
+    if shard.is_main:
+        moved = move_aside(output_dir)
+        print(f"[pipeline] {name}: {output_dir} was {reason}; running it again (old output kept in {moved})")
+    shard.barrier()
+    return True
+
+
 def run_pipeline(
     config_path: str, stages: list[str] | None = None, force: bool = False
 ) -> list[dict[str, Any]]:
     """Run the stages of a setting file in order, skipping those already done; return the table rows.
+
+    A stage is done when its output directory holds a marker with the settings the file now gives
+    (:func:`stage_changes`); one made with other settings, or from an input stage that ran again since, runs
+    again, its old output moved to ``<dir>.stale-<n>``. ``force`` runs every listed stage again.
 
     The ``pipeline`` section lists the systems to evaluate, each ``{name, model, strategies}``;
     their rows go into ``<pipeline.output_dir>/results.{json,md}``, printed at the end.
@@ -618,24 +853,26 @@ def run_pipeline(
     stages = list(stages or plan.get("stages") or PIPELINE_STAGES)
     unknown = [s for s in stages if s not in PIPELINE_STAGES]
     if unknown:
-        raise ValueError(f"unknown stages {unknown}: expected some of {list(PIPELINE_STAGES)}")
+        raise UsageError(f"unknown stages {unknown}: expected some of {list(PIPELINE_STAGES)}")
     config = ["--config", config_path]
     runners = {
         "sft": ([SFTScriptArguments, SFTConfig], run_sft),
         "annotate": ([AnnotateScriptArguments, MCTSConfig], run_annotate),
         "value_sft": ([TrainScriptArguments, ValueSFTConfig], run_value_sft),
-        "svpo": ([TrainScriptArguments, SVPOConfig], run_svpo),
-        "dpo": ([TrainScriptArguments, SVPOConfig], run_svpo),
+        "svpo": ([SVPOScriptArguments, SVPOConfig], run_svpo),
+        "dpo": ([SVPOScriptArguments, SVPOConfig], run_svpo),
     }
+    shard = ProcessShard.from_environment()
     began = time.perf_counter()
     for stage in stages:
         if stage == "evaluate":
             continue
         types, runner = runners[stage]
         parsed = parse_stage_args(stage, types, config)
+        _prepare(stage, parsed)
         output_dir = parsed[-1].output_dir
-        if stage_done(output_dir) and not force:
-            print(f"[pipeline] {stage}: done already in {output_dir}, skipping")
+        configs = _stage_configs(stage, parsed)
+        if not _out_of_date(stage, output_dir, _MARKER_STAGE.get(stage, stage), configs, force, shard):
             continue
         print(f"[pipeline] {stage} -> {output_dir} ({time.perf_counter() - began:.0f}s elapsed)", flush=True)
         runner(*parsed)
@@ -644,22 +881,23 @@ def run_pipeline(
         out = plan.get("output_dir") or "outputs"
         for system in plan.get("evaluate_systems") or []:
             eval_dir = os.path.join(out, "eval", _slug(system["name"]))
-            results = os.path.join(eval_dir, "results.json")
-            if os.path.exists(results) and not force:
-                print(f"[pipeline] evaluate {system['name']}: done already in {eval_dir}, skipping")
-                with open(results) as handle:
-                    rows += json.load(handle)
-                continue
-            print(
-                f"[pipeline] evaluate {system['name']} ({time.perf_counter() - began:.0f}s elapsed)",
-                flush=True,
-            )
             overrides = ["--model_name_or_path", system["model"], "--system_name", system["name"]]
             overrides += ["--output_dir", eval_dir, "--strategies", *system.get("strategies", ["greedy"])]
             (eval_args,) = parse_stage_args("evaluate", [EvaluateArguments], [*config, *overrides])
-            rows += run_evaluate(eval_args)
+            configs = {"script": eval_args}
+            name = f"evaluate {system['name']}"
+            if not _out_of_date(name, eval_dir, "evaluate", configs, force, shard):
+                with open(os.path.join(eval_dir, "results.json")) as handle:
+                    rows += json.load(handle)
+                continue
+            print(f"[pipeline] {name} ({time.perf_counter() - began:.0f}s elapsed)", flush=True)
+            system_rows = run_evaluate(eval_args)
+            if shard.is_main:
+                mark_stage_done(eval_dir, "evaluate", configs, {"rows": system_rows})
+            shard.barrier()
+            rows += system_rows
         table = results_table(rows)
-        if ProcessShard.from_environment().is_main:
+        if shard.is_main:
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "results.json"), "w") as handle:
                 json.dump(rows, handle, indent=2)

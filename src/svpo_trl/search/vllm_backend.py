@@ -541,7 +541,7 @@ def make_backend(
     """The search backend of a pipeline stage: ``"hf"`` (`HFBackend`) or ``"vllm"`` (`VLLMBackend`).
 
     ``value_head``, ``device`` and ``batch_size`` are `HFBackend`'s (see
-    :func:`svpo_trl.pipeline.load_policy`); for vLLM, ``device="cuda:<k>"`` pins the engine to that GPU
+    :func:`svpo_trl.models.loading.load_policy`); for vLLM, ``device="cuda:<k>"`` pins the engine to that GPU
     (one engine per process, tensor parallelism within a process is ``tensor_parallel_size``), and
     values are scored only when asked (``vllm_options`` are `VLLMBackend` keyword arguments).
     ``require_value_head`` fails early, before any engine starts, on a checkpoint without a head.
@@ -549,7 +549,7 @@ def make_backend(
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
     if backend == "hf":
-        from ..pipeline import load_policy
+        from ..models.loading import load_policy
 
         model, tokenizer = load_policy(model_name_or_path, dtype, value_head=value_head, device=device)
         has_head = hasattr(model, "v_head")

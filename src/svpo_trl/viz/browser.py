@@ -58,12 +58,16 @@ def dump_dom(
     html_path: str | Path,
     fragment: str = "",
     *,
+    width: int = 1500,
+    height: int = 900,
     budget_ms: int = 3000,
     timeout: float = 60,
     chromium: str | None = None,
 ) -> str:
-    """The page's DOM (serialized HTML) after its scripts ran; ``fragment`` is the URL hash, e.g. ``node=5``."""
-    return _run([f"--virtual-time-budget={budget_ms}", "--dump-dom"], html_path, fragment, timeout, chromium)
+    """The page's DOM (serialized HTML) after its scripts ran in a ``width`` x ``height`` window;
+    ``fragment`` is the URL hash, e.g. ``node=5``."""
+    args = [f"--virtual-time-budget={budget_ms}", f"--window-size={width},{height}", "--dump-dom"]
+    return _run(args, html_path, fragment, timeout, chromium)
 
 
 def screenshot(

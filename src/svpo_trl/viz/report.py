@@ -187,6 +187,11 @@ def _value_statistics(values: Any) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- plots
+def _q_caption(stats: dict) -> str:
+    """What the Q histogram counts: an unvisited child keeps its initial Q and says nothing, so it is left out."""
+    return f"Q of visited nodes only (N > 0); {stats['unvisited_nodes']} unvisited nodes left out"
+
+
 def _plot_q_by_depth(stats: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -203,12 +208,13 @@ def _plot_q_by_depth(stats: dict, path: Path) -> None:
         colors = [plt.cm.RdYlGn((c + 1) / 2) for c in centers]
         ax.bar(centers, counts, width=edges[1] - edges[0], color=colors, edgecolor="#555", linewidth=0.4)
         d = stats["q_by_depth"][depth]
-        ax.set_title(f"depth {depth}: {d['count']} nodes, mean {d['mean']:.2f}", fontsize=9)
+        ax.set_title(f"depth {depth}: {d['count']} visited nodes, mean Q {d['mean']:.2f}", fontsize=9)
         ax.set_xlim(-1.05, 1.05)
     if not depths:
         axes[0, 0].text(0.5, 0.5, "no visited nodes", ha="center", va="center")
+    fig.suptitle(_q_caption(stats), fontsize=9)
     fig.supxlabel("Q(s, a) (Eq. 6)", fontsize=9)
-    fig.supylabel("nodes", fontsize=9)
+    fig.supylabel("visited nodes", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -301,7 +307,7 @@ def _plot_cost(stats: dict, path: Path) -> None:
 
 
 PLOTS = {
-    "q_by_depth": ("Q-value histogram by depth", _plot_q_by_depth),
+    "q_by_depth": ("Q-value histogram by depth (visited nodes)", _plot_q_by_depth),
     "solve_rate": ("Solve rate by problem", _plot_solve_rate),
     "pairs_per_type": ("Pairs per type", _plot_pairs),
     "tree_size": ("Tree size distribution", _plot_tree_size),
@@ -339,7 +345,10 @@ def _markdown(stats: dict) -> str:
     if stats.get("label_quality"):
         lines += _label_quality_markdown(stats["label_quality"])
     for name, (title, _) in PLOTS.items():
-        lines += [f"## {title}", "", f"![{title}]({stats['plots'][name]})", ""]
+        lines += [f"## {title}", ""]
+        if name == "q_by_depth":
+            lines += [_q_caption(stats) + ".", ""]
+        lines += [f"![{title}]({stats['plots'][name]})", ""]
     return "\n".join(lines)
 
 
@@ -375,8 +384,9 @@ def _html(markdown_text: str, stats: dict, out_dir: Path) -> str:
     body.append("<table>" + "".join(table_rows) + "</table>")
     for name, (title, _) in PLOTS.items():
         data = base64.b64encode((out_dir / stats["plots"][name]).read_bytes()).decode()
+        caption = f"<p>{html.escape(_q_caption(stats))}.</p>" if name == "q_by_depth" else ""
         body.append(
-            f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+            f'<h2>{html.escape(title)}</h2>{caption}<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
         )
     style = (
         "body{font:14px/1.4 system-ui,sans-serif;max-width:960px;margin:24px auto;color:#222}"
@@ -393,7 +403,15 @@ def annotation_report(annotation_dir: str | Path | Annotation, out_dir: str | Pa
 
     ``annotation_dir`` is anything :func:`load_annotation` reads (or an :class:`Annotation`).
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        from ..errors import MissingExtraError
+
+        raise MissingExtraError(
+            "the annotation report draws its plots with matplotlib, which is not installed: "
+            "pip install 'svpo_trl[viz]' (or pip install matplotlib)"
+        ) from error
 
     matplotlib.use("Agg")
     annotation = annotation_dir if isinstance(annotation_dir, Annotation) else load_annotation(annotation_dir)

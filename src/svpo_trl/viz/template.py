@@ -1,7 +1,10 @@
 """The tree page: HTML skeleton, CSS and vanilla JS (no library, no network).
 
 The JS lays the visible part of a tree out with a leaf-ordering tidy layout (leaves on a grid,
-parents centred over their first and last child), recomputed on every collapse/expand.
+parents centred over their first and last child), recomputed on every collapse/expand. When a tree is
+fitted to the window, the distance between depths stretches so that the tree's shape matches the
+canvas (a wide tree fills the window's height, not only its top), and labels and toggles grow as far as
+the leaf spacing allows when the tree is shown shrunk. The legend sits in a strip under the tree.
 Model text only ever reaches the DOM through ``textContent``.
 """
 
@@ -72,8 +75,8 @@ button:hover { background: #eaeaea; }
 #gold { font-weight: 600; margin-right: 10px; }
 #stats { color: #555; margin-left: auto; }
 main { flex: 1; display: flex; min-height: 0; }
-#canvas { flex: 1; position: relative; min-width: 0; }
-#svg { width: 100%; height: 100%; display: block; background: #fbfbfb; cursor: grab; user-select: none; }
+#canvas { flex: 1; position: relative; min-width: 0; display: flex; flex-direction: column; }
+#svg { flex: 1; min-height: 0; width: 100%; display: block; background: #fbfbfb; cursor: grab; user-select: none; }
 #svg.dragging { cursor: grabbing; }
 .edge { fill: none; stroke: #b9b9b9; stroke-width: 1.3; }
 .edge.correct { stroke: #1a9850; stroke-width: 3.2; stroke-opacity: .75; }
@@ -85,21 +88,21 @@ main { flex: 1; display: flex; min-height: 0; }
 .node.incorrect circle.body { stroke: #d73027; }
 .node.selected circle.body { stroke: #000; stroke-width: 3.4; }
 .node.onpath circle.body { stroke-width: 2; }
-.label { font-size: 10px; text-anchor: middle; fill: #333; pointer-events: none; }
+.label { text-anchor: middle; fill: #333; pointer-events: none; }
 .label .ok, .ok { fill: #1a9850; color: #1a9850; font-weight: 700; }
 .label .bad, .bad { fill: #d73027; color: #d73027; font-weight: 700; }
 .label .other, .other { fill: #777; color: #777; }
 .toggle circle { fill: #fff; stroke: #777; stroke-width: 1; }
-.toggle text { font-size: 10px; text-anchor: middle; dominant-baseline: central; fill: #333; }
-.toggle .count { font-size: 9px; text-anchor: start; fill: #777; }
+.toggle text { text-anchor: middle; dominant-baseline: central; fill: #333; }
+.toggle .count { text-anchor: start; fill: #777; }
 .toggle:hover circle { fill: #ffe9a8; }
 .pair { fill: none; stroke-width: 1.6; stroke-dasharray: 5 4; stroke-opacity: .55; }
 .pair.focus { stroke-width: 2.8; stroke-opacity: 1; }
 .pair.faded { stroke-opacity: .12; }
 #svg.lod-low .label, #svg.lod-low .toggle .count { display: none; }
-#legend { position: absolute; left: 10px; bottom: 10px; background: rgba(255,255,255,.93); border: 1px solid #ddd;
-          border-radius: 6px; padding: 6px 9px; font-size: 12px; max-width: 460px; }
-#legend .row { display: flex; align-items: center; gap: 6px; margin: 2px 0; flex-wrap: wrap; }
+#legend { display: flex; flex-wrap: wrap; align-items: center; gap: 2px 18px; border-top: 1px solid #ddd;
+          background: #fff; padding: 5px 12px; font-size: 12px; }
+#legend .row { display: flex; align-items: center; gap: 6px; margin: 1px 0; flex-wrap: wrap; }
 #legend .scale { display: inline-block; width: 150px; height: 10px; border: 1px solid #ccc;
                  background: linear-gradient(to right, rgb(215,48,39), rgb(235,235,235), rgb(26,152,80)); }
 #legend .path-sample { display: inline-block; width: 26px; height: 0; border-top: 3px solid #1a9850; }
@@ -108,7 +111,7 @@ main { flex: 1; display: flex; min-height: 0; }
 .hint { color: #777; }
 #tooltip { position: absolute; pointer-events: none; background: #222; color: #fff; font-size: 12px; padding: 4px 7px;
            border-radius: 4px; max-width: 360px; white-space: pre-wrap; }
-aside { width: 420px; border-left: 1px solid #ddd; overflow: auto; padding: 8px 12px; background: #fff; }
+aside { width: 360px; border-left: 1px solid #ddd; overflow: auto; padding: 8px 12px; background: #fff; }
 aside h2 { font-size: 16px; margin: 4px 0 8px; }
 aside h3 { font-size: 12px; text-transform: uppercase; letter-spacing: .05em; color: #666; margin: 12px 0 4px; }
 aside dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 10px; margin: 0; }
@@ -156,9 +159,11 @@ PAGE_JS = r"""
     if (typeof v === 'number') return Number.isInteger(v) && digits === undefined ? String(v) : v.toFixed(digits === undefined ? 3 : digits);
     return String(v);
   }
+  // Q in at most 4 characters (".67", "−.5", "1"), so that a label fits the leaf spacing at a legible size.
   function shortNumber(v) {
     if (v === null || v === undefined) return '—';
-    return String(Number(v.toFixed(2)));
+    const text = String(Number(Math.abs(v).toFixed(2))).replace(/^0(?=\.)/, '');
+    return (v < 0 && text !== '0' ? '−' : '') + text;
   }
   // Q in [-1, 1] -> red / light grey / green, as in the paper's Figure 1.
   function qColor(q) {
@@ -234,13 +239,37 @@ PAGE_JS = r"""
     return CFG.min_radius + (CFG.max_radius - CFG.min_radius) * Math.sqrt(Math.max(0, n.n) / S.maxN);
   }
 
+  const FIT_PAD = 24;
+  const LABEL_PX = 11;  // label font size at glyph scale 1, in SVG units
+  // Largest glyph scale at which a 4-character label (about 2.4 em) still fits between two leaves.
+  const MAX_GLYPH = 0.9 * CFG.node_spacing / (2.4 * LABEL_PX);
+
+  // Depth spacing and glyph scale for the window: depths spread until the tree's shape matches the canvas
+  // (up to 3x the configured spacing), and when the fitted tree is shrunk, labels and toggles grow to stay
+  // legible, as far as the leaf spacing allows.
+  function adaptToWindow() {
+    const W = Math.max(200, svg.clientWidth || 800) - 2 * FIT_PAD, H = Math.max(200, svg.clientHeight || 600) - 2 * FIT_PAD;
+    S.levelSpacing = CFG.level_spacing;
+    const visible = layout();
+    const leaves = visible.filter(n => S.collapsed.has(n.id) || !n.children.length).length;
+    const depth = Math.max(0, ...visible.map(n => n.depth));
+    const width = Math.max(1, leaves - 1) * CFG.node_spacing + 1.2 * CFG.node_spacing;
+    const extra = 2 * CFG.max_radius + 4 * LABEL_PX;
+    if (depth > 0) {
+      const wanted = (H * width / W - extra) / depth;
+      S.levelSpacing = Math.min(3 * CFG.level_spacing, Math.max(CFG.level_spacing, wanted));
+    }
+    const k = Math.min(W / width, H / (depth * S.levelSpacing + extra), 1.6);
+    S.glyph = Math.max(1, Math.min(1 / k, MAX_GLYPH));
+  }
+
   // Leaf-ordering tidy layout of the visible nodes.
   function layout() {
     let leaf = 0;
     const visible = [];
     (function visit(n) {
       visible.push(n);
-      n.y = n.depth * CFG.level_spacing;
+      n.y = n.depth * (S.levelSpacing || CFG.level_spacing);
       const kids = S.collapsed.has(n.id) ? [] : n.children;
       if (!kids.length) { n.x = leaf * CFG.node_spacing; leaf += 1; return; }
       kids.forEach(visit);
@@ -259,11 +288,12 @@ PAGE_JS = r"""
     const visible = layout();
     const shown = new Set(visible.map(n => n.id));
     const trail = new Set(S.selected === null ? [] : ancestors(S.byId.get(S.selected)));
+    const g = S.glyph || 1, fontSize = LABEL_PX * g;
     Object.values(layers).forEach(l => l.replaceChildren());
     for (const n of visible) {
       if (n.parent < 0) continue;
       const p = S.byId.get(n.parent);
-      const y0 = p.y + radius(p) + (p.children.length ? 26 : 0), y1 = n.y - radius(n) - 1, ym = (y0 + y1) / 2;
+      const y0 = p.y + radius(p) + (p.children.length ? 2.4 * LABEL_PX * g : 0), y1 = n.y - radius(n) - 1, ym = (y0 + y1) / 2;
       const cls = 'edge' + (n.on_path ? ' correct' : '') + (trail.has(n.id) ? ' trail' : '');
       layers.edges.appendChild(svgEl('path', { class: cls, d: `M${p.x},${y0} C${p.x},${ym} ${n.x},${ym} ${n.x},${y1}` }));
     }
@@ -292,22 +322,25 @@ PAGE_JS = r"""
       if (n.correct === false && n.terminal) cls += ' incorrect';
       if (n.on_path) cls += ' onpath';
       if (n.id === S.selected) cls += ' selected';
-      const g = svgEl('g', { class: cls, 'data-id': n.id, transform: `translate(${n.x},${n.y})` });
-      g.appendChild(svgEl('circle', { class: 'body', r: r.toFixed(2), fill: qColor(n.q) }));
-      const label = svgEl('text', { class: 'label', y: (r + 11).toFixed(1) });
-      if (m) label.appendChild(svgEl('tspan', { class: m[0] }, m[1] + ' '));
-      label.appendChild(svgEl('tspan', {}, shortNumber(n.q)));
-      g.appendChild(label);
+      const group = svgEl('g', { class: cls, 'data-id': n.id, transform: `translate(${n.x},${n.y})` });
+      group.appendChild(svgEl('circle', { class: 'body', r: r.toFixed(2), fill: qColor(n.q) }));
+      // A terminal shows its mark (its Q is its reward, the colour says which); other nodes their Q.
+      const label = svgEl('text', { class: 'label', y: (r + fontSize).toFixed(1), 'font-size': fontSize.toFixed(1) });
+      label.appendChild(m ? svgEl('tspan', { class: m[0] }, m[1]) : svgEl('tspan', {}, shortNumber(n.q)));
+      group.appendChild(label);
       if (n.children.length) {
         const closed = S.collapsed.has(n.id);
-        const t = svgEl('g', { class: 'toggle', transform: `translate(0,${(r + 21).toFixed(1)})` });
-        t.appendChild(svgEl('circle', { r: 5.5 }));
-        t.appendChild(svgEl('text', {}, closed ? '+' : '\u2212'));
-        if (closed) t.appendChild(svgEl('text', { class: 'count', x: 8 }, String(n.size - 1)));
+        const t = svgEl('g', { class: 'toggle', transform: `translate(0,${(r + 1.9 * fontSize).toFixed(1)})` });
+        t.appendChild(svgEl('circle', { r: (0.5 * fontSize).toFixed(1) }));
+        t.appendChild(svgEl('text', { 'font-size': (0.9 * fontSize).toFixed(1) }, closed ? '+' : '\u2212'));
+        if (closed) {
+          t.appendChild(svgEl('text', { class: 'count', x: (0.75 * fontSize).toFixed(1), 'font-size': (0.8 * fontSize).toFixed(1) },
+                              String(n.size - 1)));
+        }
         t.appendChild(svgEl('title', {}, (closed ? 'expand: ' : 'collapse: ') + (n.size - 1) + ' nodes below'));
-        g.appendChild(t);
+        group.appendChild(t);
       }
-      layers.nodes.appendChild(g);
+      layers.nodes.appendChild(group);
     }
     const stats = document.getElementById('stats');
     stats.dataset.total = S.tree.nodes.length;
@@ -323,15 +356,22 @@ PAGE_JS = r"""
 
   function applyView() {
     viewport.setAttribute('transform', `translate(${view.x},${view.y}) scale(${view.k})`);
-    svg.classList.toggle('lod-low', view.k < 0.55);
+    // Labels go when they would be smaller than 7 px on screen.
+    svg.classList.toggle('lod-low', LABEL_PX * (S.glyph || 1) * view.k < 7);
+    svg.dataset.scale = view.k.toFixed(4);
+    svg.dataset.labelPx = (LABEL_PX * (S.glyph || 1) * view.k).toFixed(2);
   }
+  // Re-lay the tree out for the window (depth spacing, glyph size), then show all of it.
   function fit() {
+    adaptToWindow();
+    render();
     const box = viewport.getBBox();
-    const W = svg.clientWidth || 800, H = svg.clientHeight || 600, pad = 28;
-    const k = Math.min((W - 2 * pad) / Math.max(box.width, 1), (H - 2 * pad - 90) / Math.max(box.height, 1), 1.6);
+    const W = svg.clientWidth || 800, H = svg.clientHeight || 600, pad = FIT_PAD;
+    const k = Math.min((W - 2 * pad) / Math.max(box.width, 1), (H - 2 * pad) / Math.max(box.height, 1), 1.6);
     view.k = Math.max(k, 0.05);
     view.x = (W - box.width * view.k) / 2 - box.x * view.k;
-    view.y = pad - box.y * view.k;
+    view.y = (H - box.height * view.k) / 2 - box.y * view.k;
+    svg.dataset.size = `${W}x${H}`;
     applyView();
   }
   function zoomAt(px, py, factor) {
@@ -481,12 +521,12 @@ PAGE_JS = r"""
     document.getElementById('fit').addEventListener('click', fit);
     document.getElementById('zoom-in').addEventListener('click', () => zoomAt(svg.clientWidth / 2, svg.clientHeight / 2, 1.3));
     document.getElementById('zoom-out').addEventListener('click', () => zoomAt(svg.clientWidth / 2, svg.clientHeight / 2, 1 / 1.3));
-    document.getElementById('expand-all').addEventListener('click', () => { S.collapsed.clear(); render(); fit(); });
+    document.getElementById('expand-all').addEventListener('click', () => { S.collapsed.clear(); fit(); });
     document.getElementById('collapse-depth').addEventListener('click', () => {
       const k = Math.max(0, parseInt(document.getElementById('depth').value, 10) || 0);
       S.collapsed = collapseFrom(S.tree.nodes, k, false);
       if (S.selected !== null && !layout().includes(S.byId.get(S.selected))) S.selected = null;
-      render(); fit();
+      fit();
     });
 
     layers.nodes.addEventListener('click', e => {
