@@ -9,6 +9,8 @@ Contract (what the trainers and the search rely on)
 - ``ValueHeadForCausalLM.from_pretrained(name_or_path, **kwargs)`` loads a plain causal-LM checkpoint
   (a new head: weight 0, bias 0, so V = 0 on any model) or one saved with a head (restored exactly).
   ``model.value_head_loaded`` tells which: False when the checkpoint had no ``v_head.*`` weights.
+  A head whose weight is all zero was never trained (V is the same for every state): value-guided search
+  refuses it (:func:`untrained_value_head_reason`, ``allow_untrained_value_head`` to opt out).
   ``kwargs`` are those of ``PreTrainedModel.from_pretrained`` (``dtype``, ``device_map``, ...).
 - ``ValueHeadForCausalLM.from_causal_lm(model)`` adds a fresh head to an in-memory causal LM **in place**
   (no copy of its weights; the same object is returned, now an instance of the head class). Wrap before
