@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,10 @@ FEW_SHOT = F.render_solution(QUESTION, STEPS) + "\n" + F.prompt(QUESTION)
 def checkpoint(tmp_path_factory):
     from svpo_trl.models.gguf import checkpoint_from_gguf
 
+    # A directory that checkpoint_from_gguf wrote earlier skips the conversion (~1 CPU-minute) in reruns.
+    kept = os.environ.get("SVPO_TRL_REAL_MODEL_DIR")
+    if kept:
+        return kept
     return checkpoint_from_gguf(GGUF, tmp_path_factory.mktemp("smollm2") / "plain")
 
 
@@ -158,6 +163,24 @@ def test_value_head_loading_in_fp32_and_bf16(checkpoint, tokenizer, tmp_path):
         assert torch.equal(again(**batch).values[0], fp32)
 
 
+def test_hf_backend_stops_inside_a_tag_split_into_tokens(policy, tokenizer):
+    from svpo_trl.search.backends import HFBackend
+
+    tokenizer.padding_side = "left"
+    backend = HFBackend(policy, tokenizer, seed=0)
+    # Mid-step, right before "</code>", which this tokenizer writes as three tokens.
+    state = FEW_SHOT + STEPS[0][: STEPS[0].index("</code>")]
+    [[completion]] = backend.generate([state], n=1, temperature=0, max_new_tokens=8, stop=F.stop)
+    assert completion.text == "</code>" and completion.finish_reason == "stop"
+    assert tokenizer.decode(completion.token_ids) == "</code>" and completion.num_tokens == 3
+    assert all(lp <= 0 and math.isfinite(lp) for lp in completion.token_logprobs)
+    texts = [state, state + completion.text]
+    values = backend.values(texts)
+    assert values == pytest.approx([backend.values([t])[0] for t in texts], abs=1e-5)
+    assert values[0] != values[1]
+
+
+@pytest.mark.slow  # ~100 CPU-s: two generations of 100 and 64 tokens with the stop-string criteria
 def test_sampler_writes_a_step_longer_than_64_tokens(policy, tokenizer):
     from svpo_trl.search.backends import HFBackend
     from svpo_trl.search.sampler import StepSampler
@@ -171,7 +194,7 @@ def test_sampler_writes_a_step_longer_than_64_tokens(policy, tokenizer):
     # Generation stopped at the stop string "</code>" (three tokens here); the sandbox's output was appended.
     assert step.kind == "code" and not step.is_malformed and step.extra["finish_reason"] == "stop"
     assert step.num_tokens > 64
-    assert step.code.strip() == CODE.replace("\n", "\n").strip()
+    assert step.code.strip() == CODE
     assert step.output == "1" and step.text.endswith("<output>\n1\n</output>\n</step>\n")
     assert 0 < step.prior <= 1
     # The same state with a 64-token budget: the step does not fit, it is malformed, not cut silently.
