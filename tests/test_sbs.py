@@ -239,9 +239,10 @@ def _value_model(tokenizer, memorize_figure5: bool):
     from svpo_trl.tokenization import tokenize_solution
     from svpo_trl.toy import tiny_llama
 
-    from conftest import FIGURE5_QUESTION, FIGURE5_STEPS
+    from conftest import FIGURE5_QUESTION, FIGURE5_STEPS, randomize_value_head
 
-    model = ValueHeadForCausalLM.from_causal_lm(tiny_llama(tokenizer, seed=0))
+    # A head with seeded random weights stands in for a trained one (SBS refuses a head never trained).
+    model = randomize_value_head(ValueHeadForCausalLM.from_causal_lm(tiny_llama(tokenizer, seed=0)))
     if memorize_figure5:
         tok = tokenize_solution(
             tokenizer, DEFAULT_FORMAT.prompt(FIGURE5_QUESTION), FIGURE5_STEPS, add_eos=True

@@ -17,6 +17,7 @@ aside, and the differing fields are printed (:func:`stage_changes`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -62,6 +63,13 @@ class SearchBackendArguments:
     )
     vllm_engine_kwargs: str | None = field(
         default=None, metadata={"help": "vLLM: more engine arguments as JSON, e.g. '{\"block_size\": 32}'."}
+    )
+    allow_untrained_value_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Search with a value head that was never trained (a checkpoint without v_head, or with an "
+            "all-zero head: V is constant). Off: SBS and value_leaf_evaluation refuse such a checkpoint."
+        },
     )
 
 
@@ -521,11 +529,18 @@ def run_sft(script_args: SFTScriptArguments, training_args) -> dict[str, Any]:
 
 
 def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str, Any]:
-    """Stage 1: MCTS trees, step-level pairs (Algorithm 1), value rows (Eq. 7), solution-level pairs."""
+    """Stage 1: MCTS trees, step-level pairs (Algorithm 1), value rows (Eq. 7), solution-level pairs.
+
+    With ``hub_dataset_id`` (or ``push_to_hub``) the four datasets go to the Hub after everything is saved
+    locally, one config each, with a card (:func:`svpo_trl.hub.push_annotation`). A failed push says so in
+    one line and leaves the stage unmarked; running the stage again with the same settings then only
+    retries the push (no model is loaded, nothing is searched or rebuilt).
+    """
     from datasets import DatasetDict
 
     from .data import load_problems
-    from .search.mcts import MCTSAnnotator
+    from .hub import push_pending
+    from .search.mcts import _RESULT_FIELDS, MCTSAnnotator
     from .search.solution_pairs import solution_level_pairs
     from .search.vllm_backend import make_backend, vllm_options_from
 
@@ -533,7 +548,38 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
     output_dir = mcts_config.output_dir
     if not output_dir:
         raise UsageError("annotate: set output_dir (where trees/, pairs/, values/ are written)")
+    repo_id = script_args.hub_dataset_id or mcts_config.push_to_hub
+    if (
+        script_args.hub_dataset_id
+        and mcts_config.push_to_hub
+        and script_args.hub_dataset_id != mcts_config.push_to_hub
+    ):
+        raise UsageError(
+            f"annotate: hub_dataset_id {script_args.hub_dataset_id!r} and push_to_hub {mcts_config.push_to_hub!r} "
+            "name two repos; set one (both push the same way: one config per dataset)"
+        )
+    configs = {"script": script_args, "mcts": mcts_config}
+    # What determines the data: a rerun with the same key after a failed push only pushes.
+    push_key = {
+        "script": {
+            name: getattr(script_args, name)
+            for name in (
+                "model_name_or_path",
+                "dataset_name",
+                "dataset_split",
+                "limit",
+                "solution_pairs_per_question",
+            )
+        },
+        "mcts": {name: getattr(mcts_config, name) for name in _RESULT_FIELDS},
+    }
     shard = ProcessShard.from_environment(script_args.distributed_timeout_hours)
+    if repo_id and push_pending(output_dir, push_key):
+        if shard.is_main:
+            print(f"[annotate] {output_dir} is complete; retrying its push to {repo_id} only", flush=True)
+            _push_annotation_and_mark(output_dir, repo_id, configs, push_key)
+        shard.barrier()
+        return _annotate_results(output_dir)
     problems = load_problems(script_args.dataset_name, script_args.dataset_split)
     if script_args.limit is not None:
         problems = problems.select(range(min(script_args.limit, len(problems))))
@@ -548,8 +594,11 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
         batch_size=script_args.generation_batch_size,
         seed=seed,
         vllm_options=vllm_options_from(script_args),
+        allow_untrained_value_head=script_args.allow_untrained_value_head,
     )
-    data = MCTSAnnotator(backend, mcts_config).annotate(problems, output_dir, shard=shard)
+    # The stage pushes once, below, with the solution pairs: not the annotator, before they exist.
+    search_config = dataclasses.replace(mcts_config, push_to_hub=None)
+    data = MCTSAnnotator(backend, search_config).annotate(problems, output_dir, shard=shard)
     summary_path = os.path.join(output_dir, "summary.json")
     if shard.is_main:
         data = DatasetDict(dict(data))
@@ -564,14 +613,37 @@ def run_annotate(script_args: AnnotateScriptArguments, mcts_config) -> dict[str,
             summary["label_quality"] = _toy_label_quality(problems, data, output_dir)
         with open(summary_path, "w") as handle:  # the annotation report reads these too
             json.dump(summary, handle, indent=2)
-        mark_stage_done(output_dir, "annotate", {"script": script_args, "mcts": mcts_config}, summary)
-        if script_args.hub_dataset_id:
-            for name, dataset in data.items():
-                dataset.push_to_hub(script_args.hub_dataset_id, config_name=name)
+        if repo_id:
+            _push_annotation_and_mark(output_dir, repo_id, configs, push_key)
+        else:
+            mark_stage_done(output_dir, "annotate", configs, summary)
     # No process moves on (e.g. to training on solution_pairs) before rank 0 has written everything.
     shard.barrier()
-    with open(os.path.join(output_dir, STAGE_MARKER)) as handle:
-        return json.load(handle)["results"]
+    return _annotate_results(output_dir)
+
+
+def _push_annotation_and_mark(
+    output_dir: str, repo_id: str, configs: dict[str, Any], key: dict[str, Any]
+) -> bool:
+    """Push the saved annotation; the stage is done (marked) only once the push went through."""
+    from .hub import push_annotation
+
+    result = push_annotation(output_dir, repo_id, settings=configs, key=key)
+    if result.ok:
+        with open(os.path.join(output_dir, "summary.json")) as handle:
+            summary = json.load(handle)
+        mark_stage_done(output_dir, "annotate", configs, {**summary, "hub_dataset_id": repo_id})
+    return result.ok
+
+
+def _annotate_results(output_dir: str) -> dict[str, Any]:
+    """The stage's results: the marker's, or (a push still pending) the saved summary."""
+    marker = os.path.join(output_dir, STAGE_MARKER)
+    if os.path.exists(marker):
+        with open(marker) as handle:
+            return json.load(handle)["results"]
+    with open(os.path.join(output_dir, "summary.json")) as handle:
+        return json.load(handle)
 
 
 def _toy_label_quality(problems, data, output_dir: str) -> dict[str, Any]:
@@ -715,6 +787,7 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
         seed=args.seed + shard.rank,
         vllm_options=vllm_options_from(args),
         require_value_head=any(s.needs_value for s in strategies),
+        allow_untrained_value_head=args.allow_untrained_value_head,
     )
     system = args.system_name or os.path.basename(os.path.normpath(args.model_name_or_path))
     rows = []

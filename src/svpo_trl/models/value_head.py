@@ -9,6 +9,8 @@ Contract (what the trainers and the search rely on)
 - ``ValueHeadForCausalLM.from_pretrained(name_or_path, **kwargs)`` loads a plain causal-LM checkpoint
   (a new head: weight 0, bias 0, so V = 0 on any model) or one saved with a head (restored exactly).
   ``model.value_head_loaded`` tells which: False when the checkpoint had no ``v_head.*`` weights.
+  A head whose weight is all zero was never trained (V is the same for every state): value-guided search
+  refuses it (:func:`untrained_value_head_reason`, ``allow_untrained_value_head`` to opt out).
   ``kwargs`` are those of ``PreTrainedModel.from_pretrained`` (``dtype``, ``device_map``, ...).
 - ``ValueHeadForCausalLM.from_causal_lm(model)`` adds a fresh head to an in-memory causal LM **in place**
   (no copy of its weights; the same object is returned, now an instance of the head class). Wrap before
@@ -64,7 +66,14 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.auto_factory import _get_model_class
 
-__all__ = ["ValueHead", "ValueHeadForCausalLM", "value_head_class"]
+__all__ = [
+    "UntrainedValueHeadError",
+    "ValueHead",
+    "ValueHeadForCausalLM",
+    "untrained_value_head_message",
+    "untrained_value_head_reason",
+    "value_head_class",
+]
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "subfolder", "token")
 
@@ -207,6 +216,51 @@ class ValueHeadForCausalLM:
         if kwargs.get("is_main_process", True):
             self.config.save_pretrained(save_directory)
         return result
+
+
+class UntrainedValueHeadError(ValueError):
+    """Value-guided search asked for values from a head that was never trained (see `untrained_value_head_reason`)."""
+
+
+def untrained_value_head_reason(model: Any) -> str | None:
+    """Why ``model.v_head`` cannot rank states (it was never trained), or None when it can.
+
+    A new head starts at weight 0 (:meth:`ValueHeadForCausalLM._init_weights`), so V = tanh(b) is the same
+    for every state until training moves the weight (the gradient of any value loss reaches it at once).
+    So a head whose weight is all zero was never trained, whether it is new (``value_head_loaded`` False:
+    the checkpoint had no ``v_head.*``, or the head was added in memory) or came from a checkpoint that
+    saved an untrained head; any other head counts as trained (trained in memory included). A model
+    without ``v_head`` is not judged here (callers say it has no head), nor is a weight that is not
+    materialised here (DeepSpeed ZeRO-3 partitions, the meta device).
+    """
+    head = getattr(model, "v_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.numel() == 0 or weight.device.type == "meta":
+        return None
+    if bool(torch.count_nonzero(weight.detach())):
+        return None
+    if getattr(model, "value_head_loaded", True) is False:
+        return (
+            "the checkpoint has no v_head.* weights, so a new head was added: V is the same for every state"
+        )
+    return "its v_head weights are all zero: V is the same for every state"
+
+
+def untrained_value_head_message(source: str, reason: str) -> str:
+    """The error (or, with the opt-out, warning) text for value-guided search with an untrained head."""
+    return (
+        f"{source}: the value head was never trained ({reason}), so value-guided search (SBS, MCTS "
+        "value_leaf_evaluation) would rank candidates by a constant. Train the head first: the value_sft stage "
+        "(recipes/value_sft.py, Eq. 7) or the svpo stage (recipes/svpo.py) saves a checkpoint with a trained "
+        "head. To search with it anyway, pass allow_untrained_value_head=True (recipes: "
+        "--allow_untrained_value_head true)."
+    )
+
+
+def model_source(model: Any) -> str:
+    """How to name ``model`` in a message: its checkpoint path / Hub id, or that it was built in memory."""
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return repr(name) if name else f"{type(model).__name__} (built in memory, no checkpoint)"
 
 
 def _check_attn_implementation(name: str | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -82,6 +83,9 @@ class HFBackend:
         seed: with a seed, call ``k`` samples under ``torch`` seed ``seed + k`` in a forked RNG, so the
             same seed and the same calls give the same samples, and the global RNG is untouched.
         device: where inputs go; defaults to the model's device.
+        allow_untrained_value_head: let ``values`` read a head that was never trained (weight all zero, see
+            `svpo_trl.models.value_head.untrained_value_head_reason`), with a warning, instead of refusing.
+            Value-guided search with such a head ranks every candidate the same.
 
     The model is used in whatever mode it is in (call ``model.eval()`` to disable dropout).
     """
@@ -94,6 +98,7 @@ class HFBackend:
         batch_size: int = 64,
         seed: int | None = None,
         device: str | torch.device | None = None,
+        allow_untrained_value_head: bool = False,
     ):
         import torch
 
@@ -117,6 +122,8 @@ class HFBackend:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._bos = _bos_to_prepend(tokenizer)
+        self.allow_untrained_value_head = allow_untrained_value_head
+        self._value_head_checked = False
         self.calls = 0
         self.tokens_generated = 0
 
@@ -233,15 +240,42 @@ class HFBackend:
         )
 
     # ------------------------------------------------------------------ values
+    def check_value_head(self) -> None:
+        """Raise unless ``values`` can rank states: the model has a value head, and it was trained.
+
+        Value-guided search (`SBSGenerator`, MCTS ``value_leaf_evaluation``) calls it before searching;
+        ``values`` calls it too. An untrained head (weight all zero: a checkpoint without ``v_head.*``, or
+        a head added in memory) raises `UntrainedValueHeadError` naming the checkpoint, unless the backend
+        was built with ``allow_untrained_value_head=True`` (then it warns once).
+        """
+        if self._value_head_checked:
+            return
+        from ..models.value_head import (
+            UntrainedValueHeadError,
+            model_source,
+            untrained_value_head_message,
+            untrained_value_head_reason,
+        )
+
+        if getattr(self.model, "v_head", None) is None:
+            raise TypeError(
+                f"{model_source(self.model)} ({type(self.model).__name__}) has no value head (v_head): values() "
+                "needs a svpo_trl.models.value_head.ValueHeadForCausalLM whose head was trained (value_sft / svpo)"
+            )
+        reason = untrained_value_head_reason(self.model)
+        if reason is not None:
+            message = untrained_value_head_message(model_source(self.model), reason)
+            if not self.allow_untrained_value_head:
+                raise UntrainedValueHeadError(message)
+            warnings.warn(message, stacklevel=3)
+        # A trained head stays trained (and the opt-out warned once): no reduction over the weight per call.
+        self._value_head_checked = True
+
     def values(self, texts: list[str]) -> list[float]:
         """The value head's output at the last token of each text (batched, right-padded forward)."""
         import torch
 
-        if getattr(self.model, "v_head", None) is None:
-            raise TypeError(
-                f"{type(self.model).__name__} has no value head (v_head): values() needs a "
-                "svpo_trl.models.value_head.ValueHeadForCausalLM"
-            )
+        self.check_value_head()
         encoded = [self._encode(t) for t in texts]
         result: list[float] = []
         with torch.inference_mode():

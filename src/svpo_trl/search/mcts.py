@@ -144,7 +144,11 @@ class MCTSConfig:
     seed: int = field(default=0, metadata={"help": "Seeds every random choice of the annotation."})
     output_dir: str | None = field(default=None, metadata={"help": "Where shards, datasets and summary go."})
     push_to_hub: str | None = field(
-        default=None, metadata={"help": "Hub dataset repo to push the datasets to."}
+        default=None,
+        metadata={
+            "help": "Hub dataset repo to push the datasets to, one config each, with a card "
+            "(svpo_trl.hub.push_annotation); a failed push leaves the local annotation and is retried by a rerun."
+        },
     )
     report_to: list[str] = field(
         default_factory=list, metadata={"help": 'Loggers for the running summary: "tensorboard" or none.'}
@@ -723,7 +727,10 @@ class MCTSAnnotator:
         if config.progress:
             print(format_summary(self.summary))
         if config.push_to_hub:
-            data.push_to_hub(config.push_to_hub)
+            from ..hub import push_annotation
+
+            # One config per dataset (their schemas differ); a failed push is reported, never raised.
+            push_annotation(output, config.push_to_hub, datasets=list(data), settings={"mcts": config})
         return data
 
     @staticmethod

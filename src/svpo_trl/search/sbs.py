@@ -102,7 +102,8 @@ class SBSGenerator:
     """Step-level beam search over many questions at once (§3.3).
 
     Args:
-        backend: a `GenerationBackend`; with ``config.use_value`` it must implement ``values``.
+        backend: a `GenerationBackend`; with ``config.use_value`` it must implement ``values`` (a backend with
+            ``check_value_head``, e.g. `HFBackend`, is checked here: an untrained head is refused).
         config: an `SBSConfig` (default: ``B1 = 1``, ``B2 = 5``); ``SBSConfig.greedy()`` for greedy.
         sampler: a `StepSampler` to reuse (its sandbox and step format); built from ``backend``,
             ``sandbox``, ``step_format`` and ``config.max_new_tokens`` when None.
@@ -131,6 +132,9 @@ class SBSGenerator:
         self.step_format = sampler.step_format
         self.progress = progress
         self.value_calls = 0
+        check = getattr(backend, "check_value_head", None)
+        if self.config.use_value and check is not None:
+            check()  # refuse a head that was never trained before any search, not after the first round
 
     def generate(self, questions: list[str], *, ranker: Ranker | None = None) -> list[SBSResult]:
         """Solve every question; one result per question, in order.

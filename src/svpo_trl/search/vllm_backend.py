@@ -26,6 +26,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,14 @@ from .backends import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["VALUE_SCORERS", "VLLMBackend", "make_backend", "policy_checkpoint", "vllm_options_from"]
+__all__ = [
+    "VALUE_SCORERS",
+    "VLLMBackend",
+    "make_backend",
+    "policy_checkpoint",
+    "untrained_head_reason",
+    "vllm_options_from",
+]
 
 VALUE_SCORERS = ("hf", "vllm")
 _HEAD_PREFIX = "v_head."
@@ -122,6 +130,8 @@ class VLLMBackend:
         value_device, value_batch_size: where and in what batches the HF scorer runs.
         policy_cache_dir: where head-less copies of value-head checkpoints go (default
             ``$SVPO_TRL_CACHE`` or ``~/.cache/svpo_trl``, then ``vllm_policies/``).
+        allow_untrained_value_head: let ``values`` read a head whose weight is all zero (never trained), with
+            a warning, instead of refusing (as `HFBackend`).
 
     Counters: ``calls`` and ``tokens_generated`` (as `HFBackend`), ``prompt_tokens`` and
     ``cached_prompt_tokens`` (prompt tokens vLLM found in its prefix cache), ``prefix_cache_hit_rate``.
@@ -151,6 +161,7 @@ class VLLMBackend:
         value_device: str | None = None,
         value_batch_size: int = 64,
         policy_cache_dir: str | None = None,
+        allow_untrained_value_head: bool = False,
     ):
         vllm = _import_vllm()
         if value_scorer not in VALUE_SCORERS:
@@ -166,6 +177,8 @@ class VLLMBackend:
         self.local_path = _local_checkpoint(self.model_name_or_path)
         self.value_scorer = value_scorer
         self._has_head: bool | None = None
+        self.allow_untrained_value_head = allow_untrained_value_head
+        self._value_head_checked = False
         if gpu_memory_utilization is None:
             gpu_memory_utilization = (0.65 if value_scorer == "vllm" else 0.7) if self.has_value_head else 0.9
         self.dtype = dtype
@@ -296,13 +309,29 @@ class VLLMBackend:
             self._has_head = bool(_head_shards(self.local_path))
         return self._has_head
 
-    def values(self, texts: list[str]) -> list[float]:
-        """``V_φ`` at the last token of each text, in [-1, 1] (scorer chosen by ``value_scorer``)."""
+    def check_value_head(self) -> None:
+        """Raise unless ``values`` can rank states: the checkpoint has ``v_head.*`` tensors, and they were
+        trained (a weight that is all zero was not; see `HFBackend.check_value_head`)."""
+        if self._value_head_checked:
+            return
         if not self.has_value_head:
             raise TypeError(
                 f"{self.model_name_or_path} has no value head (no v_head.* tensors): values() needs a "
-                "checkpoint saved by svpo_trl.models.value_head.ValueHeadForCausalLM"
+                "checkpoint saved by svpo_trl.models.value_head.ValueHeadForCausalLM after value_sft / svpo"
             )
+        reason = untrained_head_reason(self.local_path)
+        if reason is not None:
+            from ..models.value_head import UntrainedValueHeadError, untrained_value_head_message
+
+            message = untrained_value_head_message(repr(self.model_name_or_path), reason)
+            if not self.allow_untrained_value_head:
+                raise UntrainedValueHeadError(message)
+            warnings.warn(message, stacklevel=3)
+        self._value_head_checked = True
+
+    def values(self, texts: list[str]) -> list[float]:
+        """``V_φ`` at the last token of each text, in [-1, 1] (scorer chosen by ``value_scorer``)."""
+        self.check_value_head()
         if not texts:
             return []
         if self.value_scorer == "hf":
@@ -386,6 +415,20 @@ def _head_shards(checkpoint: str) -> list[Path]:
         for shard in sorted(Path(checkpoint).glob("*.safetensors"))
         if any(name.startswith(_HEAD_PREFIX) for name in _safetensors_header(shard)[0])
     ]
+
+
+def untrained_head_reason(checkpoint: str) -> str | None:
+    """Why the ``v_head.*`` tensors of ``checkpoint`` cannot rank states, or None (also when it has none).
+
+    Read from the safetensors files alone (no model, no vLLM): a weight that is all zero is a head that was
+    never trained (`svpo_trl.models.value_head.untrained_value_head_reason`).
+    """
+    if not _head_shards(checkpoint):
+        return None
+    weight, _ = _read_head(checkpoint)
+    if bool(weight.count_nonzero()):
+        return None
+    return "its v_head weights are all zero: V is the same for every state"
 
 
 def _read_head(checkpoint: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,6 +580,7 @@ def make_backend(
     seed: int | None = None,
     vllm_options: Mapping[str, Any] | None = None,
     require_value_head: bool = False,
+    allow_untrained_value_head: bool = False,
 ) -> GenerationBackend:
     """The search backend of a pipeline stage: ``"hf"`` (`HFBackend`) or ``"vllm"`` (`VLLMBackend`).
 
@@ -544,22 +588,54 @@ def make_backend(
     :func:`svpo_trl.models.loading.load_policy`); for vLLM, ``device="cuda:<k>"`` pins the engine to that GPU
     (one engine per process, tensor parallelism within a process is ``tensor_parallel_size``), and
     values are scored only when asked (``vllm_options`` are `VLLMBackend` keyword arguments).
-    ``require_value_head`` fails early, before any engine starts, on a checkpoint without a head.
+
+    Values are needed when ``require_value_head`` (SBS) or ``value_head=True`` (MCTS
+    ``value_leaf_evaluation``); then, before any engine starts, a checkpoint without a head fails, and so
+    does one whose head was never trained (`UntrainedValueHeadError`, naming the checkpoint and the
+    stages that train a head) unless ``allow_untrained_value_head`` (then the backend warns when it is
+    first asked for values).
     """
+    from ..models.value_head import (
+        UntrainedValueHeadError,
+        untrained_value_head_message,
+        untrained_value_head_reason,
+    )
+
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    needs_values = require_value_head or value_head is True
     if backend == "hf":
         from ..models.loading import load_policy
 
         model, tokenizer = load_policy(model_name_or_path, dtype, value_head=value_head, device=device)
         has_head = hasattr(model, "v_head")
+        reason = untrained_value_head_reason(model) if has_head else None
     else:
-        has_head = bool(_head_shards(_local_checkpoint(model_name_or_path)))
-    if require_value_head and not has_head:
-        raise ValueError(f"{model_name_or_path} has no value head: SBS needs one (use greedy or maj@k)")
+        local = _local_checkpoint(model_name_or_path)
+        has_head = bool(_head_shards(local))
+        reason = untrained_head_reason(local) if has_head else None
+    if needs_values and not has_head:
+        raise ValueError(
+            f"{model_name_or_path} has no value head: SBS and value_leaf_evaluation need one, trained by the "
+            "value_sft or svpo stage (use greedy or maj@k, or value_leaf_evaluation=false, to search without)"
+        )
+    if needs_values and reason is not None and not allow_untrained_value_head:
+        # (With the opt-out the backend warns on its first values call.)
+        raise UntrainedValueHeadError(untrained_value_head_message(repr(model_name_or_path), reason))
     if backend == "hf":
-        return HFBackend(model, tokenizer, batch_size=batch_size, seed=seed)
-    options = {"dtype": dtype, "seed": seed or 0, **dict(vllm_options or {})}
+        return HFBackend(
+            model,
+            tokenizer,
+            batch_size=batch_size,
+            seed=seed,
+            allow_untrained_value_head=allow_untrained_value_head,
+        )
+    options = {
+        "dtype": dtype,
+        "seed": seed or 0,
+        "allow_untrained_value_head": allow_untrained_value_head,
+        **dict(vllm_options or {}),
+    }
     if value_head is False and options.get("gpu_memory_utilization") is None:
         options["gpu_memory_utilization"] = 0.9  # values never asked for: no scorer to leave room for
     if options.get("tensor_parallel_size", 1) == 1:
