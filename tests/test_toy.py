@@ -298,3 +298,18 @@ def test_misread_solutions_are_consistent_wrong_demonstrations():
         load_toy_problems("train", 5, misreadings={"eats": "-"}, misreading_rate=0.5)
     with pytest.raises(ValueError, match="misreading_rate"):
         load_toy_problems("train", 5, misreadings=misreadings, misreading_rate=1.5)
+
+
+def test_sft_recipe_misreadings_flag_parses_phrase_equals_op():
+    from svpo_trl.errors import UsageError
+    from svpo_trl.pipeline import SFTScriptArguments
+
+    args = SFTScriptArguments(toy_misreadings=["trades each one for=+", "keeps one out of every = -"])
+    assert args.toy_misreading_map() == {"trades each one for": "+", "keeps one out of every": "-"}
+    assert SFTScriptArguments().toy_misreading_map() == {}
+    with pytest.raises(UsageError, match="'trades each one for' is not 'phrase=op'"):
+        SFTScriptArguments(toy_misreadings=["trades each one for"]).toy_misreading_map()
+    with pytest.raises(UsageError, match="toy_misreadings: misreading 'eats'"):
+        SFTScriptArguments(toy_misreadings=["eats=-"]).toy_misreading_map()
+    with pytest.raises(UsageError, match="op be one of"):
+        SFTScriptArguments(toy_misreadings=["trades each one for=^"]).toy_misreading_map()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jsonable import jsonable as _jsonable
+
 __all__ = [
     "ANNOTATION_DATASETS",
     "PUSH_RECORD",
@@ -180,9 +182,3 @@ def _upload_card(repo_id: str, text: str, token: str | None) -> None:
         metadata = ""
     header = f"---\n{metadata}\n---\n" if metadata.strip() else ""
     DatasetCard(header + text).push_to_hub(repo_id, token=token, commit_message="svpo_trl annotation card")
-
-
-def _jsonable(value: Any) -> Any:
-    from .pipeline import _jsonable as jsonable
-
-    return jsonable(value)

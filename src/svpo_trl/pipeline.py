@@ -22,11 +22,12 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .distributed import ProcessShard
 from .errors import PathNotFoundError, UsageError, require_path
+from .jsonable import jsonable as _jsonable
 
 STAGE_MARKER = "svpo_stage.json"
 
@@ -100,6 +101,34 @@ class SFTScriptArguments:
     )
     toy_hidden_size: int = field(default=128, metadata={"help": "Toy: hidden size of the tiny Llama."})
     toy_num_layers: int = field(default=2, metadata={"help": "Toy: layers of the tiny Llama."})
+    toy_misreadings: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Toy: imperfect SFT data, 'phrase=op' entries (e.g. 'trades each one for=+'): solutions "
+            "written by someone who computes that phrasing with op instead (questions and answers stay true)."
+        },
+    )
+    toy_misreading_rate: float = field(
+        default=0.0, metadata={"help": "Toy: share of a misread phrasing's occurrences computed wrong."}
+    )
+
+    def toy_misreading_map(self) -> dict[str, str]:
+        """``toy_misreadings`` as ``{phrase: op}``; an entry without ``=`` is a usage error."""
+        pairs = {}
+        for entry in self.toy_misreadings:
+            phrase, sep, op = entry.rpartition("=")
+            if not sep or not phrase.strip() or not op.strip():
+                raise UsageError(
+                    f"toy_misreadings: {entry!r} is not 'phrase=op' (e.g. 'trades each one for=+')"
+                )
+            pairs[phrase.strip()] = op.strip()
+        from .toy.task import check_misreadings
+
+        try:
+            check_misreadings(pairs)
+        except ValueError as error:
+            raise UsageError(f"toy_misreadings: {error}") from None
+        return pairs
 
 
 @dataclass
@@ -272,18 +301,6 @@ def read_marker(output_dir: str) -> dict[str, Any] | None:
         return None
     with open(path) as handle:
         return json.load(handle)
-
-
-def _jsonable(value: Any) -> Any:
-    if is_dataclass(value):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def _training_settings(training: dict[str, Any]) -> dict[str, Any]:
@@ -484,6 +501,8 @@ def run_sft(script_args: SFTScriptArguments, training_args) -> dict[str, Any]:
             learning_rate=training_args.learning_rate,
             hidden_size=script_args.toy_hidden_size,
             num_layers=script_args.toy_num_layers,
+            misreadings=script_args.toy_misreading_map(),
+            misreading_rate=script_args.toy_misreading_rate,
             seed=training_args.seed,
             logging_steps=int(training_args.logging_steps),
         )

@@ -72,11 +72,18 @@ def make_labeler(kind: str, problems: Sequence[dict[str, Any]], backend: Any, **
 
 
 def has_trained_value_head(backend: Any) -> bool:
-    """Whether the backend's policy has a value head that was loaded from its checkpoint (not a new one)."""
-    if hasattr(backend, "has_value_head"):  # VLLMBackend reads the checkpoint's tensors
-        return bool(backend.has_value_head)
-    model = getattr(backend, "model", None)
-    return getattr(model, "v_head", None) is not None and bool(getattr(model, "value_head_loaded", True))
+    """Whether the backend's policy has a value head that was trained (its own ``check_value_head`` decides;
+    a backend without that check is trusted when it has ``values``)."""
+    from .models.value_head import UntrainedValueHeadError
+
+    check = getattr(backend, "check_value_head", None)
+    if check is None:
+        return hasattr(backend, "values")
+    try:
+        check()
+    except (TypeError, UntrainedValueHeadError):
+        return False
+    return True
 
 
 def pairwise_accuracy(on_track: Sequence[float], off_track: Sequence[float]) -> tuple[float, int]:

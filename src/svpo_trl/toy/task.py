@@ -286,14 +286,7 @@ def make_toy_problems(
         raise ValueError(f"make_toy_problems: num must be >= 0, got {num}")
     if not 0.0 <= misreading_rate <= 1.0:
         raise ValueError(f"misreading_rate must be in [0, 1], got {misreading_rate}")
-    for phrase, op in (misreadings or {}).items():
-        if op not in _STEP_ANALYSIS or not any(
-            phrase in t for ts in _OPERATION_TEMPLATES.values() for t in ts
-        ):
-            raise ValueError(
-                f"misreading {phrase!r} -> {op!r}: the phrase must occur in a toy template and the op be one "
-                f"of {sorted(_STEP_ANALYSIS)}"
-            )
+    check_misreadings(misreadings or {})
     cfg = config or ToyTaskConfig()
     prefix = id_prefix if id_prefix is not None else f"toy-s{seed}"
     rows: dict[str, list[str]] = {"id": [], "question": [], "answer": [], "solution": []}
@@ -308,6 +301,17 @@ def make_toy_problems(
         else:
             rows["solution"].append(problem.solution())
     return Dataset.from_dict(rows)
+
+
+def check_misreadings(misreadings: dict[str, str]) -> None:
+    """Refuse a misreading whose phrase occurs in no toy template or whose op is not a toy op."""
+    templates = [t for ts in _OPERATION_TEMPLATES.values() for t in ts]
+    for phrase, op in misreadings.items():
+        if op not in _STEP_ANALYSIS or not any(phrase in t for t in templates):
+            raise ValueError(
+                f"misreading {phrase!r} -> {op!r}: the phrase must occur in a toy template and the op be one "
+                f"of {sorted(_STEP_ANALYSIS)}; the templates are {templates}"
+            )
 
 
 def toy_split_of(question: str) -> str:
