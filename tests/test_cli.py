@@ -146,7 +146,7 @@ def test_setting_must_be_a_mapping(tmp_path):
         parse_stage_args("sft", [Script], ["--config", str(path)])
 
 
-@pytest.mark.parametrize("setting", ["toy.yaml", "deepseekmath_7b.yaml"])
+@pytest.mark.parametrize("setting", ["toy.yaml", "toy_reproduce.yaml", "deepseekmath_7b.yaml"])
 def test_shipped_settings_parse_for_every_stage(setting):
     """Every key of every shipped setting is a real field of its stage (bf16 off: no GPU here)."""
     from pathlib import Path

@@ -1,0 +1,95 @@
+"""benchmarks/reproduce_tables.py: tables and paired differences from per-problem results, and the README block."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_tables", ROOT / "benchmarks" / "reproduce_tables.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _diagnostic(within: float, prior: float) -> dict:
+    return {
+        "within_group_accuracy": within,
+        "prior_within_group_accuracy": prior,
+        "top1_accuracy": within,
+        "prior_top1_accuracy": prior,
+        "value_auc": within,
+        "oracle_ceiling": 0.9,
+    }
+
+
+def _runs(reproduce) -> dict:
+    n = 40
+    runs = {}
+    for seed in range(3):
+        greedy = [1 if i < 20 else 0 for i in range(n)]
+        # SBS(1,5) solves 4 more problems than greedy on every seed (problems 20-23) and loses none.
+        sbs = [1 if i < 24 else 0 for i in range(n)]
+        correct = {
+            row: list(greedy) for row in [f"{s}/{t}" for s, (_, ts) in reproduce.ROWS.items() for t in ts]
+        }
+        correct["SVPO/sbs(1,5)"] = sbs
+        correct["SFT/greedy"] = [1 if i < 20 - seed else 0 for i in range(n)]
+        runs[str(seed)] = {
+            "correct": correct,
+            "value": _diagnostic(0.7, 0.6),
+            "value_by_model": {"SVPO": _diagnostic(0.7, 0.6)},
+            "seconds": 60.0 * (seed + 1),
+        }
+    return runs
+
+
+def test_tables_report_accuracies_and_paired_differences(reproduce):
+    runs = _runs(reproduce)
+    markdown, summary = reproduce.tables(runs)
+    assert "(40 held-out problems, the same for every row; seeds 0, 1, 2)" in markdown
+    assert summary["accuracy"]["SVPO/sbs(1,5)"] == [0.6, 0.6, 0.6]
+    sbs = summary["differences"]["SVPO: SBS(1,5) - greedy"]
+    assert [d["difference"] for d in sbs["per_seed"]] == pytest.approx([0.1, 0.1, 0.1])
+    # Four problems gained and none lost: no resample loses, and fewer than 2.5% of them draw none of the four.
+    assert 0.0 < sbs["pooled"]["low"] < 0.1 < sbs["pooled"]["high"] < 0.25
+    sft = summary["differences"]["greedy: SVPO - SFT"]
+    assert [round(d["difference"], 3) for d in sft["per_seed"]] == [0.0, 0.025, 0.05]
+    assert sft["pooled"]["difference"] == pytest.approx(0.025)
+    assert "| SVPO: SBS(1,5) - greedy | +10.0 [" in markdown
+    assert "| 0 | SVPO | 70.0 | 60.0 |" in markdown
+    assert "Wall time per seed (2 CPU cores): 1 min, 2 min, 3 min." in markdown
+
+
+def test_readme_block_is_replaced_and_a_missing_block_is_named(reproduce, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{reproduce.README_BEGIN}\nold\n{reproduce.README_END}\nafter\n")
+    reproduce.update_readme(str(readme), "NEW TABLE")
+    assert (
+        readme.read_text() == f"before\n{reproduce.README_BEGIN}\nNEW TABLE\n{reproduce.README_END}\nafter\n"
+    )
+    (tmp_path / "plain.md").write_text("no block\n")
+    with pytest.raises(ValueError, match=r"plain\.md has no"):
+        reproduce.update_readme(str(tmp_path / "plain.md"), "x")
+
+
+def test_committed_results_have_the_keys_the_readme_promises():
+    path = ROOT / "benchmarks" / "results" / "reproduce_tables.json"
+    if not path.exists():
+        pytest.skip("no committed reproduction results")
+    saved = json.loads(path.read_text())
+    for seed, run in saved["runs"].items():
+        for row in ("SFT/greedy", "DPO/greedy", "SVPO/greedy", "SVPO/sbs(1,5)", "SVPO/sbs(3,5)"):
+            lengths = {len(v) for v in run["correct"].values()}
+            assert row in run["correct"] and set(run["correct"][row]) <= {0, 1}, (seed, row)
+            assert len(lengths) == 1, f"seed {seed}: rows on different numbers of problems {lengths}"
+        assert {"within_group_accuracy", "prior_within_group_accuracy"} <= set(run["value"])
