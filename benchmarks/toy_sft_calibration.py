@@ -12,6 +12,13 @@ with ``from_pretrained``, and measure on the toy ``test`` split, really executin
 Usage::
 
     python benchmarks/toy_sft_calibration.py --seeds 0 1 2 --max-steps 600 --threads 2
+    # the reproduction's stage 0: misread solutions, and the room left for a step ranker
+    python benchmarks/toy_sft_calibration.py --seeds 0 --max-steps 1000 --diagnostic 300 \
+        --misreadings "keeps one out of every=-" "trades each one for=+" --misreading-rate 0.667
+
+``--diagnostic N`` adds the value diagnostic of the policy without a value head on the first N test problems
+(``svpo_trl.value_diagnostic``: SBS(1,5) at T=0.6 with gold step labels): the SBS oracle ceiling and how well the
+policy's own prior ranks candidate steps (within-group accuracy; 0.5 is chance).
 
 Writes ``benchmarks/results/toy_sft_calibration.{json,md}``. This is a benchmark, not library code:
 the library's own sampler and evaluation live in ``svpo_trl.search`` / ``svpo_trl.evaluation``.
@@ -31,6 +38,7 @@ from dataclasses import asdict, replace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from svpo_trl.pipeline import SFTScriptArguments
 from svpo_trl.sandbox import PythonSandbox
 from svpo_trl.search.sampler import format_execution_output
 from svpo_trl.steps import DEFAULT_FORMAT
@@ -146,6 +154,23 @@ def evaluate_policy(
     }
 
 
+def room_for_a_ranker(model_dir: str, num_problems: int, seed: int, task: ToyTaskConfig) -> dict:
+    """The SBS(1,5) oracle ceiling and the prior's within-group ranking accuracy (no value head needed)."""
+    from svpo_trl.models.loading import load_policy
+    from svpo_trl.search.backends import HFBackend
+    from svpo_trl.value_diagnostic import value_diagnostic
+
+    model, tokenizer = load_policy(model_dir)
+    backend = HFBackend(model, tokenizer, batch_size=256, seed=seed)
+    problems = load_toy_problems("test", num_problems, config=task)
+    diag = value_diagnostic(backend, problems, "gold", use_value=False, max_new_tokens=96, temperature=0.6)
+    return {
+        "diagnostic_problems": num_problems,
+        "oracle_ceiling": diag.metrics["oracle_ceiling"],
+        "prior_within_group_accuracy": diag.metrics["prior_within_group_accuracy"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -160,6 +185,11 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=5)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--misreadings", nargs="*", default=[], help="'phrase=op' entries, as the SFT recipe")
+    parser.add_argument("--misreading-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--diagnostic", type=int, default=0, help="value diagnostic on this many test problems"
+    )
     parser.add_argument("--tag", default="toy_sft_calibration", help="results file name")
     parser.add_argument("--keep-dir", default=None, help="keep checkpoints under this folder")
     parser.add_argument("--merge", nargs="+", default=None, help="only merge these result tags into --tag")
@@ -176,6 +206,8 @@ def main() -> None:
         num_train_problems=args.num_train,
         learning_rate=args.learning_rate,
         task=task,
+        misreadings=SFTScriptArguments(toy_misreadings=args.misreadings).toy_misreading_map(),
+        misreading_rate=args.misreading_rate,
     )
     runs = []
     for seed in args.seeds:
@@ -184,6 +216,8 @@ def main() -> None:
             out_dir = os.path.join(args.keep_dir, f"seed{seed}") if args.keep_dir else tmp
             result = bootstrap_sft_policy(out_dir, config=config)
             metrics = evaluate_policy(out_dir, args.num_test, args.num_samples, args.temperature, seed, task)
+            if args.diagnostic:
+                metrics.update(room_for_a_ranker(out_dir, args.diagnostic, seed, task))
         run = {
             "seed": seed,
             "train_seconds": result.train_seconds,
@@ -228,15 +262,34 @@ def write_report(report: dict, tag: str) -> None:
         f"| seed | params | train s (wall) | train CPU s | final loss | greedy acc | {pass_key} | mixed outcome |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    diagnosed = all("oracle_ceiling" in r for r in runs)
+    if diagnosed:
+        lines[-2] += " SBS oracle ceiling | prior within-group |"
+        lines[-1] += "---|---|"
+        lines[2] += (
+            f" Diagnostic on the first {runs[0]['diagnostic_problems']} test problems, SBS(1,5) at T=0.6."
+        )
+    if cfg.get("misreadings"):
+        lines[2] += f" Stage-0 data misread {cfg['misreadings']} at rate {cfg['misreading_rate']}."
     for r in runs:
         lines.append(
             f"| {r['seed']} | {r['num_parameters'] / 1e6:.2f}M | {r['train_seconds']:.0f} | "
             f"{r.get('train_cpu_seconds', float('nan')):.0f} | {r['final_train_loss']:.3f} | "
             f"{r['greedy_accuracy']:.3f} | {r[pass_key]:.3f} | {r['mixed_outcome_share']:.3f} |"
+            + (
+                f" {_num(r['oracle_ceiling'])} | {_num(r['prior_within_group_accuracy'])} |"
+                if diagnosed
+                else ""
+            )
         )
     with open(os.path.join(RESULTS, f"{tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _num(value: float | None) -> str:
+    """Three decimals; '-' where there was nothing to measure (no state mixed right and wrong steps)."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def merge(tags: list[str], tag: str) -> None:
