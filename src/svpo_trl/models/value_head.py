@@ -57,6 +57,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import warnings
 from typing import Any
 
 import torch
@@ -70,6 +71,7 @@ __all__ = [
     "UntrainedValueHeadError",
     "ValueHead",
     "ValueHeadForCausalLM",
+    "refuse_untrained_value_head",
     "untrained_value_head_message",
     "untrained_value_head_reason",
     "value_head_class",
@@ -255,6 +257,18 @@ def untrained_value_head_message(source: str, reason: str) -> str:
         "head. To search with it anyway, pass allow_untrained_value_head=True (recipes: "
         "--allow_untrained_value_head true)."
     )
+
+
+def refuse_untrained_value_head(source: str, reason: str | None, *, allow: bool) -> None:
+    """Raise `UntrainedValueHeadError` for a head that was never trained (``reason`` not None), or warn
+    instead with ``allow`` (``allow_untrained_value_head``). The backends' ``check_value_head`` call it."""
+    if reason is None:
+        return
+    message = untrained_value_head_message(source, reason)
+    if not allow:
+        raise UntrainedValueHeadError(message)
+    # Points at whoever asked the backend for values (caller -> check_value_head -> here).
+    warnings.warn(message, stacklevel=4)
 
 
 def model_source(model: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -250,24 +249,18 @@ class HFBackend:
         """
         if self._value_head_checked:
             return
-        from ..models.value_head import (
-            UntrainedValueHeadError,
-            model_source,
-            untrained_value_head_message,
-            untrained_value_head_reason,
-        )
+        from ..models.value_head import model_source, refuse_untrained_value_head, untrained_value_head_reason
 
         if getattr(self.model, "v_head", None) is None:
             raise TypeError(
                 f"{model_source(self.model)} ({type(self.model).__name__}) has no value head (v_head): values() "
                 "needs a svpo_trl.models.value_head.ValueHeadForCausalLM whose head was trained (value_sft / svpo)"
             )
-        reason = untrained_value_head_reason(self.model)
-        if reason is not None:
-            message = untrained_value_head_message(model_source(self.model), reason)
-            if not self.allow_untrained_value_head:
-                raise UntrainedValueHeadError(message)
-            warnings.warn(message, stacklevel=3)
+        refuse_untrained_value_head(
+            model_source(self.model),
+            untrained_value_head_reason(self.model),
+            allow=self.allow_untrained_value_head,
+        )
         # A trained head stays trained (and the opt-out warned once): no reduction over the weight per call.
         self._value_head_checked = True
 

@@ -26,7 +26,6 @@ import os
 import shutil
 import struct
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -319,14 +318,13 @@ class VLLMBackend:
                 f"{self.model_name_or_path} has no value head (no v_head.* tensors): values() needs a "
                 "checkpoint saved by svpo_trl.models.value_head.ValueHeadForCausalLM after value_sft / svpo"
             )
-        reason = untrained_head_reason(self.local_path)
-        if reason is not None:
-            from ..models.value_head import UntrainedValueHeadError, untrained_value_head_message
+        from ..models.value_head import refuse_untrained_value_head
 
-            message = untrained_value_head_message(repr(self.model_name_or_path), reason)
-            if not self.allow_untrained_value_head:
-                raise UntrainedValueHeadError(message)
-            warnings.warn(message, stacklevel=3)
+        refuse_untrained_value_head(
+            repr(self.model_name_or_path),
+            untrained_head_reason(self.local_path),
+            allow=self.allow_untrained_value_head,
+        )
         self._value_head_checked = True
 
     def values(self, texts: list[str]) -> list[float]:
