@@ -127,7 +127,7 @@ def run_seed(config_path: str, root: str) -> dict[str, Any]:
     value: dict[str, Any] = {}
     for system, (folder, strategies) in ROWS.items():
         eval_dir = os.path.join(root, "eval_tables", folder)
-        diagnose = folder in ("sft", "value_sft", "svpo")
+        diagnose = folder in ("sft", "svpo")  # the stage-0 policy and the model SBS decodes with
         args = ["--config", config_path, "--model_name_or_path", os.path.join(root, folder)]
         args += ["--system_name", folder, "--output_dir", eval_dir, "--strategies", *strategies]
         args += ["--value_diagnostic"] if diagnose else []
