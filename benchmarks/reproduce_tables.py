@@ -210,7 +210,11 @@ def tables(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                 summary["value"].setdefault(system, {})[s] = m
     seconds = [runs[s].get("seconds") for s in seeds]
     if all(seconds):
-        lines += ["", f"Wall time per seed (2 CPU cores): {', '.join(f'{t / 60:.0f} min' for t in seconds)}."]
+        lines += [
+            "",
+            f"Wall time per seed: {', '.join(f'{t / 60:.0f} min' for t in seconds)} (2 CPU cores, shared by the seeds "
+            "that ran as parallel processes).",
+        ]
     return "\n".join(lines), summary
 
 

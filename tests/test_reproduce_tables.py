@@ -67,7 +67,7 @@ def test_tables_report_accuracies_and_paired_differences(reproduce):
     assert sft["pooled"]["difference"] == pytest.approx(0.025)
     assert "| SVPO: SBS(1,5) - greedy | +10.0 [" in markdown
     assert "| 0 | SVPO | 70.0 | 60.0 |" in markdown
-    assert "Wall time per seed (2 CPU cores): 1 min, 2 min, 3 min." in markdown
+    assert "Wall time per seed: 1 min, 2 min, 3 min (2 CPU cores" in markdown
 
 
 def test_readme_block_is_replaced_and_a_missing_block_is_named(reproduce, tmp_path):
@@ -93,3 +93,18 @@ def test_committed_results_have_the_keys_the_readme_promises():
             assert row in run["correct"] and set(run["correct"][row]) <= {0, 1}, (seed, row)
             assert len(lengths) == 1, f"seed {seed}: rows on different numbers of problems {lengths}"
         assert {"within_group_accuracy", "prior_within_group_accuracy"} <= set(run["value"])
+
+
+def test_readme_block_is_rendered_from_the_committed_results(reproduce):
+    path = ROOT / "benchmarks" / "results" / "reproduce_tables.json"
+    if not path.exists():
+        pytest.skip("no committed reproduction results")
+    saved = json.loads(path.read_text())
+    assert len(saved["runs"]) >= 3, "the reproduction needs at least three seeds"
+    assert all(len(row) >= 1000 for run in saved["runs"].values() for row in run["correct"].values())
+    markdown, _ = reproduce.tables(saved["runs"])
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(reproduce.README_BEGIN, 1)[1].split(reproduce.README_END, 1)[0]
+    assert block.strip() == markdown.strip(), (
+        "README results block is stale: run --render-only --readme README.md"
+    )
