@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--readme", default=None, help="also regenerate this README's results block")
     args = parser.parse_args()
     path = args.results + ".json"
-    runs = _saved_runs(path, args.config)
+    runs: dict[str, dict[str, Any]] = {}
     if not args.render_only:
         base = load_setting(args.config)
         for seed in args.seeds:
@@ -269,6 +269,7 @@ def main() -> None:
             with open(path + ".tmp", "w") as handle:
                 json.dump({"config": args.config, "runs": runs}, handle)
             os.replace(path + ".tmp", path)
+    # What is on disk now (every seed, this process's and parallel ones'), this process's own runs on top.
     runs = {**_saved_runs(path, args.config), **runs}
     if not runs:
         raise SystemExit(f"no runs of {args.config} in {path}: run without --render-only first")

@@ -82,24 +82,25 @@ def test_readme_block_is_replaced_and_a_missing_block_is_named(reproduce, tmp_pa
         reproduce.update_readme(str(tmp_path / "plain.md"), "x")
 
 
-def test_committed_results_have_the_keys_the_readme_promises():
+@pytest.fixture(scope="module")
+def committed() -> dict:
     path = ROOT / "benchmarks" / "results" / "reproduce_tables.json"
     if not path.exists():
         pytest.skip("no committed reproduction results")
-    saved = json.loads(path.read_text())
-    for seed, run in saved["runs"].items():
+    return json.loads(path.read_text())
+
+
+def test_committed_results_have_the_keys_the_readme_promises(committed):
+    for seed, run in committed["runs"].items():
+        lengths = {len(v) for v in run["correct"].values()}
+        assert len(lengths) == 1, f"seed {seed}: rows on different numbers of problems {lengths}"
         for row in ("SFT/greedy", "DPO/greedy", "SVPO/greedy", "SVPO/sbs(1,5)", "SVPO/sbs(3,5)"):
-            lengths = {len(v) for v in run["correct"].values()}
             assert row in run["correct"] and set(run["correct"][row]) <= {0, 1}, (seed, row)
-            assert len(lengths) == 1, f"seed {seed}: rows on different numbers of problems {lengths}"
         assert {"within_group_accuracy", "prior_within_group_accuracy"} <= set(run["value"])
 
 
-def test_readme_block_is_rendered_from_the_committed_results(reproduce):
-    path = ROOT / "benchmarks" / "results" / "reproduce_tables.json"
-    if not path.exists():
-        pytest.skip("no committed reproduction results")
-    saved = json.loads(path.read_text())
+def test_readme_block_is_rendered_from_the_committed_results(reproduce, committed):
+    saved = committed
     assert len(saved["runs"]) >= 3, "the reproduction needs at least three seeds"
     assert all(len(row) >= 1000 for run in saved["runs"].values() for row in run["correct"].values())
     markdown, _ = reproduce.tables(saved["runs"])
