@@ -208,7 +208,16 @@ def value_diagnostic(
             for owner, state, value, label in zip(owners, candidates, values, labels):
                 parent = "".join(s.text for s in state.steps[:-1])
                 group = groups.setdefault(
-                    (owner, parent), {"id": str(batch[owner]["id"]), "depth": state.depth, "candidates": []}
+                    (owner, parent),
+                    {
+                        "id": str(batch[owner]["id"]),
+                        "depth": state.depth,
+                        # the state itself, so that any other ranker can score the same candidates later
+                        # (svpo_trl.value_lab.diagnostic_groups)
+                        "prompt": state.prompt,
+                        "prefix": [s.text for s in state.steps[:-1]],
+                        "candidates": [],
+                    },
                 )
                 step = state.steps[-1]
                 group["candidates"].append(
