@@ -398,7 +398,11 @@ def run_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
             _target(groups["train"], target),
             seed=seed,
         )
-        per = both(lambda s, head=head: head_scores(head, inputs[s], len(flat_candidates(groups[s])[0])))
+        per = both(
+            lambda s, head=head, inputs=inputs: head_scores(
+                head, inputs[s], len(flat_candidates(groups[s])[0])
+            )
+        )
         add(name, per, time.perf_counter() - t0)
         head_fits[name] = per
     analysis = diagnose(groups, scores)
@@ -551,6 +555,13 @@ def render_analysis(results: dict[str, Any]) -> str:
 FEATURES = ["prior", "answer", "terminal", "length", "num_tokens", "printed", "depth"]
 
 
+def _load(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {"seeds": {}}
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -564,7 +575,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("SVPO_LAB_THREADS", "1")))
     path = args.results + ".json"
-    saved = json.load(open(path)) if os.path.exists(path) else {"seeds": {}}
     if args.command == "prepare":
         for seed in args.seeds:
             prepare(seed, args.heldout, args.seed_root, args.lab_root)
@@ -572,13 +582,14 @@ def main() -> None:
     if args.command == "run":
         for seed in args.seeds:
             result = run_seed(seed, args.seed_root, args.lab_root)
-            saved = json.load(open(path)) if os.path.exists(path) else {"seeds": {}}
+            saved = _load(path)
             saved["seeds"][str(seed)] = result
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w") as handle:
                 json.dump(saved, handle)
             os.replace(path + ".tmp", path)
             print(f"[lab] seed {seed}: {result['total_seconds']:.0f} s", flush=True)
+    saved = _load(path)
     text = render(saved) + "\n\n" + render_analysis(saved)
     with open(args.results + ".md", "w") as handle:
         handle.write("# Value lab: step rankers on frozen sibling groups\n\n" + text + "\n")

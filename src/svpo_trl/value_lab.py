@@ -168,7 +168,7 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     ranks = np.empty(len(scores))
     sorted_scores = scores[order]
     # average ranks over ties
-    unique, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
     avg = first + (counts - 1) / 2.0 + 1
     ranks[order] = np.repeat(avg, counts)
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
@@ -300,7 +300,7 @@ def score_candidates(
             values = getattr(outputs, "values", None)
             values = values if isinstance(values, torch.Tensor) else None
             for b, i in enumerate(chunk):
-                input_ids, positions, end = encoded[i]
+                _, positions, end = encoded[i]
                 pos = torch.as_tensor(positions, device=logprobs.device)
                 token_lp = logprobs[b, pos - 1, ids[b, pos].to(logprobs.device)]
                 out["logp_sum"][i] = float(token_lp.sum())
