@@ -96,7 +96,8 @@ def checkpoint_scores(path: str, groups: dict[str, list], *, hidden: bool) -> di
 
     model, tokenizer = load_policy(path)
     tokenizer.padding_side = "right"
-    layers = tuple(range(model.config.num_hidden_layers + 1)) if hidden else ()
+    # the embeddings (0), the first decoder layer's output (1) and the final, normed state (-1)
+    layers = (0, 1, -1) if hidden else ()
     return {
         name: score_candidates(model, tokenizer, g, batch_size=128, hidden_layers=layers, token_states=hidden)
         for name, g in groups.items()
