@@ -172,6 +172,77 @@ def reproduce_headline() -> str:
     )
 
 
+def _minus(text: str) -> str:
+    return text.replace("-", "−")
+
+
+def reproduce_targets() -> str:
+    """The reproduction's targets, met or missed per seed (docs/results.md), from reproduce_tables.json."""
+    from svpo_trl.stats import format_difference
+
+    runs = _load("reproduce_tables.json")["runs"]
+    _, summary = _reproduce_module().tables(runs)
+    seeds = sorted(runs, key=int)
+    pct = lambda values: 100 * statistics.fmean(values)  # noqa: E731
+    greedy = [pct(runs[s]["correct"]["SFT/greedy"]) for s in seeds]
+    spread = max(greedy) - min(greedy)
+    # The diagnostic ran on the first problems of the test set: greedy on the same problems.
+    ceilings = []
+    for s in seeds:
+        sft = runs[s]["value_by_model"]["SFT"]
+        n = sft["num_problems"]
+        ceilings.append((100 * sft["oracle_ceiling"], pct(runs[s]["correct"]["SFT/greedy"][:n])))
+    room = [c - g for c, g in ceilings]
+    diffs = summary["differences"]
+    sft_gain = diffs["greedy: SVPO - SFT"]["per_seed"]
+    sbs_gain = diffs["SVPO: SBS(1,5) - greedy"]["per_seed"]
+    dpo = diffs["greedy: SVPO - DPO"]
+    value = [runs[s]["value_by_model"]["SVPO"] for s in seeds]
+    yes = lambda ok, note="": ("yes" if ok else "**no**") + (f" ({note})" if note else "")  # noqa: E731
+    rows = [
+        [
+            "stage-0 greedy spread ≤ 10 points",
+            *[f"{g:.1f}" for g in greedy],
+            yes(spread <= 10, f"{spread:.1f}"),
+        ],
+        [
+            f"stage-0 SBS oracle ceiling ≥ greedy + 10 (first {n})",
+            *[f"{c:.1f} vs {g:.1f}" for c, g in ceilings],
+            yes(min(room) >= 10, f"+{min(room):.0f} to +{max(room):.0f}"),
+        ],
+        [
+            "SVPO greedy − SFT greedy > 0",
+            *[_minus(format_difference(d)) for d in sft_gain],
+            yes(all(d["low"] > 0 for d in sft_gain)),
+        ],
+        [
+            "SVPO + SBS(1,5) − SVPO greedy ≥ +3",
+            *[_minus(format_difference(d)) for d in sbs_gain],
+            yes(all(d["difference"] >= 0.03 for d in sbs_gain)),
+        ],
+        [
+            "V within-group ≥ 65% and above the prior",
+            *[
+                f"{100 * m['within_group_accuracy']:.1f} vs {100 * m['prior_within_group_accuracy']:.1f}"
+                for m in value
+            ],
+            yes(
+                all(
+                    m["within_group_accuracy"] >= 0.65
+                    and m["within_group_accuracy"] > m["prior_within_group_accuracy"]
+                    for m in value
+                )
+            ),
+        ],
+        [
+            "SVPO greedy ≥ DPO greedy on average",
+            *[_minus(f"{100 * d['difference']:+.1f}") for d in dpo["per_seed"]],
+            yes(dpo["pooled"]["difference"] >= 0, _minus(format_difference(dpo["pooled"])) + " pooled"),
+        ],
+    ]
+    return markdown_table(["target (every seed)", *[f"seed {s}" for s in seeds], "met?"], rows)
+
+
 def gsm8k_conversion() -> str:
     """The GSM8K conversion figures (docs/data.md), from gsm8k_step_conversion.json."""
     d = _load("gsm8k_step_conversion.json")
@@ -293,6 +364,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "demo_run": demo_run,
     "reproduce_headline": reproduce_headline,
     "reproduce_tables": reproduce_tables,
+    "reproduce_targets": reproduce_targets,
     "gsm8k_conversion": gsm8k_conversion,
     "benchmark_summary": benchmark_summary,
     "vllm_figures": vllm_figures,
