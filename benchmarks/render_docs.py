@@ -143,7 +143,11 @@ HEADLINE_ROWS = [
     "SVPO/sbs(1,5)",
     "SVPO/sbs(3,5)",
 ]
-HEADLINE_DIFFERENCES = ["greedy: SVPO - SFT", "greedy: SVPO - DPO", "SVPO: SBS(1,5) - greedy"]
+HEADLINE_DIFFERENCES = {
+    "greedy: SVPO - SFT": "SVPO − SFT (greedy)",
+    "greedy: SVPO - DPO": "SVPO − DPO (greedy)",
+    "SVPO: SBS(1,5) - greedy": "SBS(1,5) − greedy (SVPO)",
+}
 
 
 def reproduce_headline() -> str:
@@ -161,12 +165,12 @@ def reproduce_headline() -> str:
         rows.append([system, strategy, _mean_std([100 * v for v in summary["accuracy"][row]], 1)])
     header = ["Model", "Decoding", f"accuracy, % (mean ± std, {len(seeds)} seeds × {n} held-out problems)"]
     pooled = [
-        f"{label} {format_difference(summary['differences'][label]['pooled'])}"
-        for label in HEADLINE_DIFFERENCES
+        f"{text} {_minus(format_difference(summary['differences'][label]['pooled']))}"
+        for label, text in HEADLINE_DIFFERENCES.items()
     ]
     return (
         markdown_table(header, rows)
-        + "\n\nPaired differences pooled over seeds, points [bootstrap 95% interval]: "
+        + "\n\nPaired differences pooled over seeds, in points with bootstrap 95% intervals: "
         + "; ".join(pooled)
         + "."
     )
