@@ -233,6 +233,16 @@ def test_the_demo_table_follows_its_results_file(render_docs, tmp_path, monkeypa
     assert render_docs.main([str(page), "--check"]) == 0
 
 
+def test_intervals_quoted_in_the_reading_are_those_of_the_rendered_tables(render_docs):
+    """The reading of the reproduction quotes intervals in prose: each must be one the tables render."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    prose = render_docs.MARKER.sub("", text).replace("−", "-")
+    rendered = render_docs.reproduce_tables().replace("−", "-")
+    quoted = re.findall(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", prose)
+    assert quoted, "the reading quotes no interval: is this test still looking at the right page?"
+    assert [q for q in quoted if q not in rendered] == []
+
+
 def test_an_unknown_block_is_named(render_docs):
     with pytest.raises(ValueError, match="no renderer for the blocks \\['nope'\\]"):
         render_docs.render_text("<!-- nope:begin -->\nx\n<!-- nope:end -->\n", "p.md")
