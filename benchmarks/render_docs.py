@@ -12,6 +12,7 @@ lines: after a benchmark writes new results, regenerate the pages, and the tests
 To measure the demo over seeds, write ``benchmarks/results/demo.json`` with one entry per seed under
 ``seeds`` (each ``{"rows": [...]}``, the fields of the rows as in the committed file) and a ``source``
 saying how it was measured, then run this script: the README's demo table shows mean ± std over the seeds.
+``details`` (optional) holds one run's stage times and value diagnostic for docs/results.md (``demo_run``).
 """
 
 from __future__ import annotations
