@@ -13,7 +13,7 @@ order) for every row (``"SFT/greedy"``, ``"DPO/greedy"``, ``"SVPO/greedy"``, ``"
 that matter (SBS - greedy, SVPO - DPO, SVPO - SFT, each ablation - full SVPO), per seed and pooled.
 
     python benchmarks/reproduce_tables.py --config recipes/configs/toy_reproduce.yaml --seeds 0 1 2
-    python benchmarks/reproduce_tables.py --render-only --readme README.md   # tables from the saved JSON
+    python benchmarks/reproduce_tables.py --render-only --readme docs/results.md   # tables from the saved JSON
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ def tables(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 
 
 def update_readme(readme: str, markdown: str) -> None:
-    """Replace the block between the reproduce_tables markers of the README with ``markdown``."""
+    """Replace the block between the reproduce_tables markers of ``readme`` (any markdown file holding them;
+    docs/results.md in this repository) with ``markdown``."""
     with open(readme) as handle:
         text = handle.read()
     pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.DOTALL)
@@ -248,7 +249,11 @@ def main() -> None:
     parser.add_argument("--root", default="outputs/reproduce")
     parser.add_argument("--results", default="benchmarks/results/reproduce_tables")
     parser.add_argument("--render-only", action="store_true", help="tables from the saved JSON, no runs")
-    parser.add_argument("--readme", default=None, help="also regenerate this README's results block")
+    parser.add_argument(
+        "--readme",
+        default=None,
+        help="also regenerate the results block of this markdown file (docs/results.md)",
+    )
     args = parser.parse_args()
     path = args.results + ".json"
     runs: dict[str, dict[str, Any]] = {}

@@ -85,3 +85,50 @@ def test_load_policy_still_imports_from_the_pipeline():
     from svpo_trl.pipeline import load_policy as old_name
 
     assert old_name is load_policy
+
+
+# Every name code imported from the single-module svpo_trl.pipeline before it became a package.
+PIPELINE_NAMES = [
+    "STAGE_MARKER",
+    "PIPELINE_STAGES",
+    "SearchBackendArguments",
+    "SFTScriptArguments",
+    "AnnotateScriptArguments",
+    "TrainScriptArguments",
+    "SVPOScriptArguments",
+    "EvaluateArguments",
+    "stage_done",
+    "read_marker",
+    "stage_settings",
+    "stage_changes",
+    "describe_changes",
+    "mark_stage_done",
+    "move_aside",
+    "apply_recipe",
+    "run_sft",
+    "run_annotate",
+    "run_value_sft",
+    "run_svpo",
+    "run_evaluate",
+    "run_pipeline",
+    "load_policy",
+    "_load_trainable",
+]
+
+
+def test_the_pipeline_package_keeps_every_name_and_small_modules():
+    import svpo_trl.pipeline as pipeline
+
+    missing = [name for name in PIPELINE_NAMES if not hasattr(pipeline, name)]
+    assert missing == [], f"no longer importable from svpo_trl.pipeline: {missing}"
+    from svpo_trl.pipeline.runner import run_pipeline
+    from svpo_trl.pipeline.stages import run_sft
+
+    assert pipeline.run_pipeline is run_pipeline and pipeline.run_sft is run_sft
+    for path in sorted((PACKAGE / "pipeline").glob("*.py")):
+        text = path.read_text()
+        lines = text.count("\n")
+        head = text[:2000]
+        assert lines <= 500 or "longer than 500 lines because" in head, (
+            f"{path.name} has {lines} lines: split it, or say at its top why it is longer than 500 lines because ..."
+        )

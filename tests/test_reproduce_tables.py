@@ -1,4 +1,4 @@
-"""benchmarks/reproduce_tables.py: tables and paired differences from per-problem results, and the README block."""
+"""benchmarks/reproduce_tables.py: tables and paired differences from per-problem results, and the results page block."""
 
 from __future__ import annotations
 
@@ -99,13 +99,14 @@ def test_committed_results_have_the_keys_the_readme_promises(committed):
         assert {"within_group_accuracy", "prior_within_group_accuracy"} <= set(run["value"])
 
 
-def test_readme_block_is_rendered_from_the_committed_results(reproduce, committed):
+def test_results_page_block_is_rendered_from_the_committed_results(reproduce, committed):
+    """docs/results.md holds the reproduction block (the README a headline of it, checked in test_docs)."""
     saved = committed
     assert len(saved["runs"]) >= 3, "the reproduction needs at least three seeds"
     assert all(len(row) >= 1000 for run in saved["runs"].values() for row in run["correct"].values())
     markdown, _ = reproduce.tables(saved["runs"])
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split(reproduce.README_BEGIN, 1)[1].split(reproduce.README_END, 1)[0]
+    page = (ROOT / "docs" / "results.md").read_text()
+    block = page.split(reproduce.README_BEGIN, 1)[1].split(reproduce.README_END, 1)[0]
     assert block.strip() == markdown.strip(), (
-        "README results block is stale: run --render-only --readme README.md"
+        "docs/results.md reproduction block is stale: run --render-only --readme docs/results.md"
     )

@@ -139,7 +139,7 @@ class MCTSConfig:
             "help": "Which non-correct nodes Algorithm 1 may reject: all (the paper as written, unvisited "
             "nodes included), explored (visited: N >= 1), refuted (Q < 0: a wrong answer below and no right "
             "one). Default all: once identical samples are one child, the three rules gave 643/640/638 "
-            "sibling pairs of the same label precision on the toy task (README, Annotation)."
+            "sibling pairs of the same label precision on the toy task (docs/annotation.md)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seeds every random choice of the annotation."})

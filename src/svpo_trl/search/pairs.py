@@ -23,7 +23,7 @@ A tree without a correct terminal gives no pairs. Which non-correct nodes may be
 
 A never-visited child has Q = 0 and N = 0: nothing is known about it except that it was sampled,
 and §3.1 prefers "the step with the larger Q-value". Labelled against the toy task's gold steps,
-such negatives are often right steps (see the README's annotation section for the measurement).
+such negatives are often right steps (see docs/annotation.md for the measurement).
 No pair ever has the same text on both sides.
 """
 
