@@ -319,6 +319,79 @@ def head_scores(head: nn.Module, inputs: Callable, n: int) -> np.ndarray:
         return head(*inputs(np.arange(n))).numpy()
 
 
+# ---------------------------------------------------------------------------- a value model with its own backbone
+def finetune_value_model(
+    path: str, groups: list[dict], loss: str, *, epochs: int = 3, lr: float = 5e-4, batch_groups: int = 16,
+    seed: int = 0,
+) -> Any:
+    """A copy of the policy at ``path`` trained as a value model on the training groups, every weight free
+    (rStar-Math's separate process preference model, from the policy's weights).
+
+    ``pairwise``: logistic loss on V(step end) differences of sibling pairs ordered by Algorithm 1's label;
+    ``token_mse``: V at *every* model-written token of the step regressed on the Eq. 7 label (Value-Guided
+    Search's token-level value loss), read at the step end at test time.
+    """
+    from svpo_trl.models.loading import load_policy
+    from svpo_trl.value_lab import encode_candidates
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_policy(path)
+    model.train()
+    encoded = encode_candidates(tokenizer, groups)
+    flat, owner = flat_candidates(groups)
+    alg1 = np.asarray([1.0 if c["alg1"] else -1.0 for c in flat])
+    target = np.asarray([c["target"] for c in flat])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    pad = tokenizer.pad_token_id or 0
+    group_ids = [g for g in range(len(groups)) if loss != "pairwise" or g in set(mixed_groups(groups))]
+    if loss == "pairwise":  # pairs by Algorithm 1's label, not gold: what a user has
+        group_ids = [g for g in range(len(groups)) if len({alg1[i] for i in np.flatnonzero(owner == g)}) == 2]
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(group_ids)
+        for start in range(0, len(order), batch_groups):
+            members = np.concatenate([np.flatnonzero(owner == g) for g in order[start : start + batch_groups]])
+            length = max(len(encoded[i][0]) for i in members)
+            ids = torch.full((len(members), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(members), length), dtype=torch.long)
+            for b, i in enumerate(members):
+                ids[b, : len(encoded[i][0])] = torch.as_tensor(encoded[i][0])
+                mask[b, : len(encoded[i][0])] = 1
+            model.model(input_ids=ids, attention_mask=mask)  # the backbone; the head reads it by its hook
+            values = model.last_values
+            if loss == "pairwise":
+                ends = torch.as_tensor([encoded[i][2] for i in members])
+                v = values[torch.arange(len(members)), ends]
+                local = {int(i): k for k, i in enumerate(members)}
+                a, b = [], []
+                for g in order[start : start + batch_groups]:
+                    idx = np.flatnonzero(owner == g)
+                    for x in idx:
+                        for y in idx:
+                            if alg1[x] > alg1[y]:
+                                a.append(local[int(x)])
+                                b.append(local[int(y)])
+                value = nn.functional.softplus(-4.0 * (v[a] - v[b])).mean()
+            else:
+                rows, cols, ys = [], [], []
+                for k, i in enumerate(members):
+                    rows += [k] * len(encoded[i][1])
+                    cols += encoded[i][1]
+                    ys += [target[i]] * len(encoded[i][1])
+                value = ((values[rows, cols] - torch.as_tensor(ys, dtype=values.dtype)) ** 2).mean()
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    model.eval()
+    return model, tokenizer
+
+
+FINETUNED = [
+    ("own backbone (from the SVPO policy), pairwise on siblings (Alg. 1), 3 epochs", "pairwise"),
+    ("own backbone (from the SVPO policy), token-level MSE on Eq. 7 labels, 3 epochs", "token_mse"),
+]
+
+
 # ---------------------------------------------------------------------------- run one seed
 def _zscore_within(groups: list[dict], x: np.ndarray) -> np.ndarray:
     """Scores standardised within each group (so that rankers on other scales can be added)."""
@@ -354,6 +427,9 @@ def run_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
     add("prior (Eq. 4 mean token probability of the sampling policy)", recorded_prior)
     add("prior of the SVPO policy (recomputed)", both(lambda s: scores["svpo"][s]["prob_mean"]))
     add("step log-prob sum, SVPO policy", both(lambda s: scores["svpo"][s]["logp_sum"]))
+    add("step mean log-prob, SVPO policy", both(lambda s: scores["svpo"][s]["logp_mean"]))
+    add("step min token log-prob, SVPO policy", both(lambda s: scores["svpo"][s]["logp_min"]))
+    add("prior of the value SFT policy", both(lambda s: scores["value_sft"][s]["prob_mean"]))
     add("V, value SFT checkpoint (paper head, Eq. 7)", both(lambda s: scores["value_sft"][s]["value"]))
     add(
         "V, SVPO checkpoint (paper head, Eq. 7 + 9 + 10)  [paper]", both(lambda s: scores["svpo"][s]["value"])
@@ -406,6 +482,14 @@ def run_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
         )
         add(name, per, time.perf_counter() - t0)
         head_fits[name] = per
+    for name, loss in FINETUNED:
+        t0 = time.perf_counter()
+        model, tokenizer = finetune_value_model(os.path.join(src, "svpo"), groups["train"], loss, seed=seed)
+        tokenizer.padding_side = "right"
+        per = both(lambda s, model=model, tokenizer=tokenizer: score_candidates(model, tokenizer, groups[s])["value"])
+        add(name, per, time.perf_counter() - t0)
+        add(f"prior + {name}, z-scored", both(lambda s, per=per: _zscore_within(groups[s], recorded_prior[s])
+                                                + _zscore_within(groups[s], per[s])))
     analysis = diagnose(groups, scores)
     return {
         "rankers": rows,

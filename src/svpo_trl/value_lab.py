@@ -29,6 +29,7 @@ from .tokenization import tokenize_solution
 
 __all__ = [
     "diagnostic_groups",
+    "encode_candidates",
     "flat_candidates",
     "mixed_groups",
     "ranking_metrics",
@@ -236,6 +237,20 @@ def ranking_metrics(
     return result
 
 
+def encode_candidates(tokenizer: Any, groups: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int], int]]:
+    """Per candidate (in :func:`flat_candidates` order): the token ids of prompt + prefix + step, the positions
+    of the step's model-written tokens, and the step's last token (where V is read)."""
+    flat, owner = flat_candidates(groups)
+    encoded = []
+    for c, g in zip(flat, owner):
+        group = groups[int(g)]
+        tok = tokenize_solution(tokenizer, group["prompt"], [*group["prefix"], c["text"]], add_eos=False)
+        start = tok.step_ends[-2] + 1 if len(tok.step_ends) > 1 else tok.prompt_len
+        positions = [p for p in range(start, tok.step_ends[-1] + 1) if tok.completion_mask[p]]
+        encoded.append((tok.input_ids, positions, tok.step_ends[-1]))
+    return encoded
+
+
 def score_candidates(
     model: Any,
     tokenizer: Any,
@@ -260,14 +275,7 @@ def score_candidates(
     import torch
     from tqdm.auto import tqdm
 
-    flat, owner = flat_candidates(groups)
-    encoded = []
-    for c, g in zip(flat, owner):
-        group = groups[int(g)]
-        tok = tokenize_solution(tokenizer, group["prompt"], [*group["prefix"], c["text"]], add_eos=False)
-        start = tok.step_ends[-2] + 1 if len(tok.step_ends) > 1 else tok.prompt_len
-        positions = [p for p in range(start, tok.step_ends[-1] + 1) if tok.completion_mask[p]]
-        encoded.append((tok.input_ids, positions, tok.step_ends[-1]))
+    encoded = encode_candidates(tokenizer, groups)
     n = len(encoded)
     out: dict[str, Any] = {
         key: np.full(n, np.nan) for key in ("value", "logp_sum", "logp_mean", "logp_min", "prob_mean")
