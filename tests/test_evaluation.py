@@ -59,6 +59,22 @@ def test_strategy_parse_and_labels():
     assert Strategy.parse("maj@8").k == 8
     with pytest.raises(ValueError, match="unknown strategy 'beam'"):
         Strategy.parse("beam")
+    prior = Strategy.parse("sbs(1,5,prior)")
+    assert (prior.ranker, prior.label, prior.slug, prior.needs_value) == (
+        "prior",
+        "SBS (B1=1, B2=5, prior)",
+        "sbs1x5-prior",
+        False,
+    )
+    both = Strategy.parse("sbs(3, 5, value+prior)")
+    assert (both.slug, both.needs_value, both.sbs_config(8, 96).ranker) == (
+        "sbs3x5-valueprior",
+        True,
+        "value+prior",
+    )
+    assert Strategy.parse("sbs(1,5)").ranker == "value" and Strategy.parse("sbs(1,5)").needs_value
+    with pytest.raises(UsageError, match="strategy ranker 'vaue' unknown: expected one of value, prior"):
+        Strategy.parse("sbs(1,5,vaue)")
 
 
 @pytest.mark.parametrize(

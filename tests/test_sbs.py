@@ -219,6 +219,45 @@ def test_prior_ranking_without_value():
     assert result.steps[0].prior == pytest.approx(0.9)
 
 
+RANKED = {
+    "<question>R</question>\n": [(answer("X", "1"), 0.2), (answer("Y", "2"), 0.9), (answer("Z", "3"), 0.5)]
+}
+RANKED_VALUES = {"X": 0.9, "Y": 0.1, "Z": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("ranker", "weight", "expected"),
+    [
+        ("value", 0.5, "1"),  # the paper: V picks X (0.9)
+        ("prior", 0.5, "2"),  # the policy's prior picks Y (0.9)
+        # z(prior) = (-1.16, 1.28, -0.12), z(V) = (1.22, -1.22, 0): Y at weight 0.5 (0.67 > -0.12 > -0.55) ...
+        ("value+prior", 0.5, "2"),
+        ("value+prior", 2.0, "1"),  # ... X at weight 2 (1.29 > -0.12 > -1.17)
+    ],
+)
+def test_rankers_order_the_candidates(ranker, weight, expected):
+    backend = ScriptedBackend(RANKED, value_fn=lambda text: RANKED_VALUES[_last_label(text)])
+    calls = []
+    backend_values = backend.values
+    backend.values = lambda texts: calls.append(texts) or backend_values(texts)
+    config = SBSConfig(beam_width=1, num_samples=3, ranker=ranker, value_weight=weight)
+    generator = SBSGenerator(backend, config, sandbox=FakeSandbox())
+    [result] = generator.generate(["R"])
+    assert result.final_answer == expected
+    # the prior ranker reads no value head at all: it runs on a policy without one
+    assert (len(calls), generator.value_calls) == ((0, 0) if ranker == "prior" else (1, 1))
+
+
+def test_prior_ranker_needs_no_value_head():
+    backend = ScriptedBackend(RANKED)  # no value_fn: values() raises
+    [result] = SBSGenerator(
+        backend, SBSConfig(num_samples=3, ranker="prior"), sandbox=FakeSandbox()
+    ).generate(["R"])
+    assert result.final_answer == "2" and result.value is None
+    with pytest.raises(ValueError, match="ranker must be one of value, prior, value\\+prior, got 'vaule'"):
+        SBSConfig(ranker="vaule")
+
+
 def test_bad_config_and_questions():
     with pytest.raises(ValueError, match="beam_width"):
         SBSConfig(beam_width=0)

@@ -26,12 +26,12 @@ from .errors import UsageError
 from .grading import is_equiv
 from .search.backends import GenerationBackend
 from .search.sampler import StepSampler
-from .search.sbs import SBSConfig, SBSGenerator, SBSResult
+from .search.sbs import RANKERS, SBSConfig, SBSGenerator, SBSResult
 from .steps import DEFAULT_FORMAT, StepFormat
 
 Grader = Callable[[str | None, Any], bool]
 
-_SBS = re.compile(r"^sbs\s*[\(:]?\s*(\d+)\s*[,x]\s*(\d+)\s*\)?$")
+_SBS = re.compile(r"^sbs\s*[\(:]?\s*(\d+)\s*[,x]\s*(\d+)\s*(?:,\s*([a-z+]+)\s*)?\)?$")
 _MAJ = re.compile(r"^maj@(\d+)$")
 
 
@@ -41,7 +41,8 @@ class Strategy:
 
     ``kind`` is ``"greedy"``, ``"sbs"`` (``beam_width`` = B1, ``num_samples`` = B2) or ``"maj"``
     (``k`` sampled solutions at ``temperature``, majority vote). Parse one from text with
-    :meth:`parse`: ``greedy``, ``sbs(1,5)`` / ``sbs:3x5``, ``maj@8``.
+    :meth:`parse`: ``greedy``, ``sbs(1,5)`` / ``sbs:3x5``, ``maj@8``; ``sbs(1,5,prior)`` and
+    ``sbs(1,5,value+prior)`` rank SBS's candidates by another ranker (:attr:`SBSConfig.ranker`).
     """
 
     kind: str = "greedy"
@@ -49,6 +50,7 @@ class Strategy:
     num_samples: int = 5
     k: int = 1
     temperature: float | None = None
+    ranker: str = "value"
 
     def __post_init__(self) -> None:
         # Checked here, not when the search starts: an evaluation runs every strategy's checks before any
@@ -61,6 +63,11 @@ class Strategy:
             )
         if self.kind == "maj" and self.k < 1:
             raise UsageError(f"maj@{self.k}: k (the number of sampled solutions) must be at least 1")
+        if self.ranker not in RANKERS:
+            raise UsageError(
+                f"strategy ranker {self.ranker!r} unknown: expected one of {', '.join(RANKERS)} "
+                "(e.g. 'sbs(1,5,prior)')"
+            )
         if self.temperature is not None and self.temperature < 0:
             raise UsageError(f"{self.label}: temperature must be >= 0, got {self.temperature}")
 
@@ -71,31 +78,36 @@ class Strategy:
         if spec == "greedy":
             return cls("greedy")
         if match := _SBS.match(spec):
-            return cls("sbs", beam_width=int(match.group(1)), num_samples=int(match.group(2)))
+            ranker = match.group(3) or "value"
+            return cls("sbs", beam_width=int(match.group(1)), num_samples=int(match.group(2)), ranker=ranker)
         if match := _MAJ.match(spec):
             return cls("maj", k=int(match.group(1)))
-        raise UsageError(f"unknown strategy {text!r}: expected 'greedy', 'sbs(B1,B2)' or 'maj@k'")
+        raise UsageError(
+            f"unknown strategy {text!r}: expected 'greedy', 'sbs(B1,B2)', 'sbs(B1,B2,RANKER)' or 'maj@k'"
+        )
 
     @property
     def label(self) -> str:
         if self.kind == "sbs":
-            return f"SBS (B1={self.beam_width}, B2={self.num_samples})"
+            ranked = "" if self.ranker == "value" else f", {self.ranker}"
+            return f"SBS (B1={self.beam_width}, B2={self.num_samples}{ranked})"
         if self.kind == "maj":
             return f"maj@{self.k}"
         return "greedy"
 
     @property
     def slug(self) -> str:
-        """A file-name-safe name: ``greedy``, ``sbs1x5``, ``maj8``."""
+        """A file-name-safe name: ``greedy``, ``sbs1x5``, ``sbs1x5-prior``, ``sbs1x5-valueprior``, ``maj8``."""
         if self.kind == "sbs":
-            return f"sbs{self.beam_width}x{self.num_samples}"
+            ranked = "" if self.ranker == "value" else "-" + self.ranker.replace("+", "")
+            return f"sbs{self.beam_width}x{self.num_samples}{ranked}"
         if self.kind == "maj":
             return f"maj{self.k}"
         return "greedy"
 
     @property
     def needs_value(self) -> bool:
-        return self.kind == "sbs"
+        return self.kind == "sbs" and self.ranker != "prior"
 
     def sbs_config(self, max_depth: int, max_new_tokens: int) -> SBSConfig:
         """The SBS settings that implement this strategy."""
@@ -105,7 +117,9 @@ class Strategy:
         if self.kind == "greedy":
             return SBSConfig.greedy(**common)
         if self.kind == "sbs":
-            return SBSConfig(beam_width=self.beam_width, num_samples=self.num_samples, **common)
+            return SBSConfig(
+                beam_width=self.beam_width, num_samples=self.num_samples, ranker=self.ranker, **common
+            )
         # maj@k: k independent samples, each one step at a time without the value head.
         sample = {"temperature": 0.8, **common}
         return SBSConfig(beam_width=1, num_samples=1, use_value=False, remove_duplicates=False, **sample)

@@ -19,6 +19,9 @@ from .backends import GenerationBackend
 from .sampler import StepSampler
 from .state import State
 
+RANKERS = ("value", "prior", "value+prior")
+"""The rankers of :attr:`SBSConfig.ranker`: the paper's value head, the policy's prior, or both."""
+
 
 @dataclass
 class SBSConfig:
@@ -37,6 +40,17 @@ class SBSConfig:
             candidates are ranked by their step's prior (Eq. 4, mean token probability).
         remove_duplicates: drop candidates whose text repeats another candidate of the same question
             before ranking (AlphaMath's ``remove_duplicate: True``), so duplicates do not crowd out beams.
+        ranker: what orders a question's candidates (with ``use_value``; :data:`RANKERS`):
+
+            - ``"value"`` (default, the paper, §3.3): V of the value head at the candidate's step end.
+            - ``"prior"``: the step's prior, Eq. 4's mean token probability under the policy; needs no value
+              head and makes no value call. Measured on the miniature (``benchmarks/value_lab.py``, 3 seeds,
+              held-out states of 300 test problems, B2 = 5): within-state accuracy 74-79% against V's 51-59%;
+              see docs/value_lab.md.
+            - ``"value+prior"``: both, standardised over the question's candidates of the round (z-scores),
+              ``z(prior) + value_weight * z(V)``.
+        value_weight: weight of V in ``"value+prior"`` (default 0.5: in the lab, 0.5 matched the prior, more
+            weight on V ranked worse).
     """
 
     beam_width: int = 1
@@ -46,13 +60,22 @@ class SBSConfig:
     max_new_tokens: int = 256
     use_value: bool = True
     remove_duplicates: bool = True
+    ranker: str = "value"
+    value_weight: float = 0.5
 
     def __post_init__(self):
+        if self.ranker not in RANKERS:
+            raise ValueError(f"SBSConfig.ranker must be one of {', '.join(RANKERS)}, got {self.ranker!r}")
         for name in ("beam_width", "num_samples", "max_depth", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SBSConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"SBSConfig.temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def needs_value(self) -> bool:
+        """Whether ranking reads the value head (``use_value`` and a ranker other than ``"prior"``)."""
+        return self.use_value and self.ranker != "prior"
 
     @classmethod
     def greedy(cls, **overrides: Any) -> SBSConfig:
@@ -133,7 +156,7 @@ class SBSGenerator:
         self.progress = progress
         self.value_calls = 0
         check = getattr(backend, "check_value_head", None)
-        if self.config.use_value and check is not None:
+        if self.config.needs_value and check is not None:
             check()  # refuse a head that was never trained before any search, not after the first round
 
     def generate(self, questions: list[str], *, ranker: Ranker | None = None) -> list[SBSResult]:
@@ -187,12 +210,14 @@ class SBSGenerator:
                     list({c.text: c for c in reversed(cands)}.values())[::-1] for cands in candidates
                 ]
             flat = [c for cands in candidates for c in cands]
-            values = self._values([c.text for c in flat]) if cfg.use_value else [None] * len(flat)
+            values = self._values([c.text for c in flat]) if cfg.needs_value else [None] * len(flat)
             if ranker is not None:
                 flat_owners = [q for q, cands in enumerate(candidates) for _ in cands]
                 scores = [float(s) for s in ranker(flat_owners, flat, values)]
                 if len(scores) != len(flat):
                     raise RuntimeError(f"ranker returned {len(scores)} scores for {len(flat)} candidates")
+            elif cfg.ranker == "value+prior" and cfg.needs_value:
+                scores = _value_plus_prior(candidates, values, cfg.value_weight)
             else:
                 scores = [v if v is not None else c.steps[-1].prior for c, v in zip(flat, values)]
 
@@ -252,6 +277,29 @@ class SBSGenerator:
                 for b in finished
             ],
         )
+
+
+def _standardised(xs: list[float]) -> list[float]:
+    mean = sum(xs) / len(xs)
+    std = (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
+    return [(x - mean) / std if std > 1e-12 else 0.0 for x in xs]
+
+
+def _value_plus_prior(
+    candidates: list[list[State]], values: list[float | None], weight: float
+) -> list[float]:
+    """``z(prior) + weight * z(V)`` over each question's candidates of one round (flat, in order)."""
+    scores: list[float] = []
+    cursor = 0
+    for cands in candidates:
+        if not cands:
+            continue
+        own = values[cursor : cursor + len(cands)]
+        cursor += len(cands)
+        priors = _standardised([c.steps[-1].prior for c in cands])
+        vs = _standardised([float(v) for v in own])
+        scores += [p + weight * v for p, v in zip(priors, vs)]
+    return scores
 
 
 def greedy(
