@@ -364,7 +364,31 @@ def vllm_figures() -> str:
     )
 
 
+def _value_lab_module():
+    """benchmarks/value_lab.py (the lab's tables live next to the runs that make them)."""
+    spec = importlib.util.spec_from_file_location("value_lab", ROOT / "benchmarks" / "value_lab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def value_lab(part: str) -> Callable[[], str]:
+    """One of the value lab's tables (``rankers``, ``analysis``, ``sbs``) from benchmarks/results/value_lab.json."""
+
+    def render() -> str:
+        module = _value_lab_module()
+        results = _load("value_lab.json")
+        return {"rankers": module.render, "analysis": module.render_analysis, "sbs": module.render_sbs}[part](
+            results
+        )
+
+    return render
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "value_lab_rankers": value_lab("rankers"),
+    "value_lab_analysis": value_lab("analysis"),
+    "value_lab_sbs": value_lab("sbs"),
     "demo": demo,
     "demo_run": demo_run,
     "reproduce_headline": reproduce_headline,

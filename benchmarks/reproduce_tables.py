@@ -54,18 +54,19 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "SFT": ("sft", ["greedy"]),
     "Value SFT": ("value_sft", ["greedy"]),
     "DPO": ("dpo", ["greedy"]),
-    "SVPO": ("svpo", ["greedy", "sbs(1,5)", "sbs(3,5)"]),
+    "SVPO": ("svpo", ["greedy", "sbs(1,5)", "sbs(3,5)", "sbs(1,5,prior)"]),
     # The ablations are evaluated greedily: on 1000 problems their three SBS(1,5) rows would cost ~15 of a
     # seed's 60 minutes (about 5 minutes each, measured), and their value heads are judged by the diagnostic.
     "SVPO w/o margin": ("svpo_no_margin", ["greedy"]),
     "SVPO w/o MSE": ("svpo_no_mse", ["greedy"]),
     "SVPO w/o regularization": ("svpo_no_reg", ["greedy"]),
 }
-SLUGS = {"greedy": "greedy", "sbs(1,5)": "sbs1x5", "sbs(3,5)": "sbs3x5"}
+SLUGS = {"greedy": "greedy", "sbs(1,5)": "sbs1x5", "sbs(3,5)": "sbs3x5", "sbs(1,5,prior)": "sbs1x5-prior"}
 # The differences the issue asks for: (label, first row, second row).
 COMPARISONS = [
     ("SVPO: SBS(1,5) - greedy", "SVPO/sbs(1,5)", "SVPO/greedy"),
     ("SVPO: SBS(3,5) - greedy", "SVPO/sbs(3,5)", "SVPO/greedy"),
+    ("SVPO: SBS(1,5) ranked by the prior - greedy", "SVPO/sbs(1,5,prior)", "SVPO/greedy"),
     ("greedy: SVPO - SFT", "SVPO/greedy", "SFT/greedy"),
     ("greedy: SVPO - DPO", "SVPO/greedy", "DPO/greedy"),
     ("greedy: Value SFT - SFT", "Value SFT/greedy", "SFT/greedy"),

@@ -17,6 +17,7 @@ Writes ``benchmarks/results/value_lab.{json,md}``.
 
     python benchmarks/value_lab.py prepare --seeds 0 1 2
     python benchmarks/value_lab.py run --seeds 0 1 2
+    python benchmarks/value_lab.py sbs --seeds 0 1 2   # after recipes/evaluate.py wrote <seed>/eval_rankers
     python benchmarks/value_lab.py render           # tables from the saved JSON
 """
 
@@ -243,6 +244,7 @@ def frozen_inputs(scores: dict[str, Any], source: str) -> Callable[[np.ndarray],
     if source == "logprobs":
         cols = [scores[k] for k in ("logp_mean", "logp_min", "logp_sum", "prob_mean")]
         x = torch.as_tensor(np.stack(cols, 1), dtype=torch.float)
+        x = (x - x.mean(0)) / x.std(0).clamp(min=1e-6)  # log-prob sums are ~10x the means: one scale for all
         return lambda idx: (x[idx],)
     raise ValueError(source)
 
@@ -273,7 +275,7 @@ VARIANTS = [
     ("frozen linear, layer 1 step end, pairwise (Alg. 1)", "linear", "end:1", "pairwise", "alg1"),
     ("frozen linear, embeddings mean, pairwise (Alg. 1)", "linear", "mean:0", "pairwise", "alg1"),
     ("frozen MLP, mean of step tokens, pairwise (Alg. 1)", "mlp", "mean:-1", "pairwise", "alg1"),
-    ("linear on the step's log-probs, pairwise (Alg. 1)", "linear", "logprobs", "pairwise", "alg1"),
+    ("linear on the step's log-probs (standardised), pairwise (Alg. 1)", "linear", "logprobs", "pairwise", "alg1"),
     (
         "frozen linear, step end, pairwise on gold labels (upper bound)",
         "linear",
@@ -321,7 +323,13 @@ def head_scores(head: nn.Module, inputs: Callable, n: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- a value model with its own backbone
 def finetune_value_model(
-    path: str, groups: list[dict], loss: str, *, epochs: int = 3, lr: float = 5e-4, batch_groups: int = 16,
+    path: str,
+    groups: list[dict],
+    loss: str,
+    *,
+    epochs: int = 3,
+    lr: float = 5e-4,
+    batch_groups: int = 16,
     seed: int = 0,
 ) -> Any:
     """A copy of the policy at ``path`` trained as a value model on the training groups, every weight free
@@ -350,7 +358,9 @@ def finetune_value_model(
     for _ in range(epochs):
         order = rng.permutation(group_ids)
         for start in range(0, len(order), batch_groups):
-            members = np.concatenate([np.flatnonzero(owner == g) for g in order[start : start + batch_groups]])
+            members = np.concatenate(
+                [np.flatnonzero(owner == g) for g in order[start : start + batch_groups]]
+            )
             length = max(len(encoded[i][0]) for i in members)
             ids = torch.full((len(members), length), pad, dtype=torch.long)
             mask = torch.zeros((len(members), length), dtype=torch.long)
@@ -486,10 +496,18 @@ def run_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         model, tokenizer = finetune_value_model(os.path.join(src, "svpo"), groups["train"], loss, seed=seed)
         tokenizer.padding_side = "right"
-        per = both(lambda s, model=model, tokenizer=tokenizer: score_candidates(model, tokenizer, groups[s])["value"])
+        per = both(
+            lambda s, model=model, tokenizer=tokenizer: score_candidates(model, tokenizer, groups[s])["value"]
+        )
         add(name, per, time.perf_counter() - t0)
-        add(f"prior + {name}, z-scored", both(lambda s, per=per: _zscore_within(groups[s], recorded_prior[s])
-                                                + _zscore_within(groups[s], per[s])))
+        add(
+            f"prior + {name}, z-scored",
+            both(
+                lambda s, per=per: (
+                    _zscore_within(groups[s], recorded_prior[s]) + _zscore_within(groups[s], per[s])
+                )
+            ),
+        )
     analysis = diagnose(groups, scores)
     return {
         "rankers": rows,
@@ -637,6 +655,86 @@ def render_analysis(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SBS_ROWS = {"greedy": "greedy", "SBS(1,5), V (paper)": "sbs1x5", "SBS(1,5), prior": "sbs1x5-prior"}
+SBS_DIFFERENCES = [
+    ("SBS(1,5) ranked by the prior - greedy", "SBS(1,5), prior", "greedy"),
+    ("SBS(1,5) ranked by V (paper) - greedy", "SBS(1,5), V (paper)", "greedy"),
+    ("SBS(1,5): prior - V", "SBS(1,5), prior", "SBS(1,5), V (paper)"),
+]
+
+
+def collect_sbs(seed_root: str, seeds: list[int]) -> dict[str, Any]:
+    """Per-problem correctness of the SVPO policy's greedy and SBS rows (``recipes/evaluate.py`` output under
+    ``<seed>/eval_rankers``), with paired bootstrap intervals per seed and pooled."""
+    from svpo_trl.stats import paired_bootstrap
+
+    correct: dict[str, dict[str, list[int]]] = {}
+    for seed in seeds:
+        folder = os.path.join(seed_root, f"seed{seed}", "eval_rankers")
+        rows = {}
+        for row, slug in SBS_ROWS.items():
+            [path] = [p for p in os.listdir(folder) if p.endswith(f"__{slug}.jsonl")]
+            with open(os.path.join(folder, path)) as handle:
+                rows[row] = [int(json.loads(line)["correct"]) for line in handle]
+        correct[str(seed)] = rows
+    keys = sorted(correct, key=int)
+    differences = {}
+    for label, first, second in SBS_DIFFERENCES:
+        differences[label] = {
+            "per_seed": [paired_bootstrap(correct[s][first], correct[s][second]) for s in keys],
+            "pooled": paired_bootstrap([correct[s][first] for s in keys], [correct[s][second] for s in keys]),
+        }
+    room = {}
+    for seed in keys:
+        with open(os.path.join(LAB_ROOT, f"seed{seed}", "prepare.json")) as handle:
+            diagnostic = json.load(handle)["diagnostic"]
+        n = diagnostic["num_problems"]
+        room[seed] = {
+            "problems": n,
+            "oracle_ceiling": diagnostic["oracle_ceiling"],
+            "greedy_same_problems": statistics.fmean(correct[seed]["greedy"][:n]),
+        }
+    return {"correct": correct, "differences": differences, "room": room}
+
+
+def render_sbs(results: dict[str, Any]) -> str:
+    from svpo_trl.stats import format_difference
+
+    sbs = results["sbs"]
+    seeds = sorted(sbs["correct"], key=int)
+    n = len(sbs["correct"][seeds[0]]["greedy"])
+    lines = [
+        f"| SVPO policy, {n} held-out problems | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |"
+    ]
+    lines += ["|---|" + "---|" * (len(seeds) + 1)]
+    for row in SBS_ROWS:
+        accs = [statistics.fmean(sbs["correct"][s][row]) for s in seeds]
+        lines.append(
+            f"| {row} | " + " | ".join(_pct(a) for a in accs) + f" | {_pct(statistics.fmean(accs))} |"
+        )
+    lines += [
+        "",
+        "| paired difference, points [95% interval] | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | pooled |",
+    ]
+    lines += ["|---|" + "---|" * (len(seeds) + 1)]
+    for label, entry in sbs["differences"].items():
+        cells = [format_difference(d) for d in [*entry["per_seed"], entry["pooled"]]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    room = sbs.get("room", {})
+    if room:
+        lines += [
+            "",
+            "Room for any ranker (SBS(1,5) with a perfect ranker vs greedy, first problems of the test set): "
+            + "; ".join(
+                f"seed {s}: {_pct(r['oracle_ceiling'])} vs {_pct(r['greedy_same_problems'])} on {r['problems']}"
+                for s, r in sorted(room.items(), key=lambda kv: int(kv[0]))
+            ),
+        ]
+    return "\n".join(lines)
+
+
 FEATURES = ["prior", "answer", "terminal", "length", "num_tokens", "printed", "depth"]
 
 
@@ -651,7 +749,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["prepare", "run", "render"])
+    parser.add_argument("command", choices=["prepare", "run", "sbs", "render"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heldout", type=int, default=300, help="test problems of the held-out groups")
     parser.add_argument("--seed-root", default=SEED_ROOT)
@@ -674,8 +772,15 @@ def main() -> None:
                 json.dump(saved, handle)
             os.replace(path + ".tmp", path)
             print(f"[lab] seed {seed}: {result['total_seconds']:.0f} s", flush=True)
+    if args.command == "sbs":
+        saved = _load(path)
+        saved["sbs"] = collect_sbs(args.seed_root, args.seeds)
+        with open(path, "w") as handle:
+            json.dump(saved, handle)
     saved = _load(path)
     text = render(saved) + "\n\n" + render_analysis(saved)
+    if "sbs" in saved:
+        text += "\n\n" + render_sbs(saved)
     with open(args.results + ".md", "w") as handle:
         handle.write("# Value lab: step rankers on frozen sibling groups\n\n" + text + "\n")
     print(text)

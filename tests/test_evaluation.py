@@ -119,6 +119,15 @@ def test_sbs_uses_the_value_head_to_pick_the_right_answer():
     assert result.records[0]["tokens"] > 0
 
 
+def test_sbs_ranked_by_the_prior_runs_without_a_value_head():
+    # No value_fn: any value call would raise. The prior (0.9) picks the wrong answer 41 after the code step,
+    # where V picks 42: the ranker, not the sampling, decides.
+    backend = ScriptedBackend(script)
+    result = evaluate(backend, PROBLEMS, "sbs(1,3,prior)", sandbox=FakeSandbox(), progress=False)
+    assert [r["answer"] for r in result.records] == ["41", "4"]
+    assert result.strategy == "SBS (B1=1, B2=3, prior)"
+
+
 def test_maj_at_k_votes_over_equivalent_answers():
     # Each of the k samples is its own prompt in one batch: hand out 4, 5, 4 in turn, as sampling would.
     answers = iter([[(FOUR, 0.9)], [(FIVE, 0.8)], [(FOUR, 0.7)]])

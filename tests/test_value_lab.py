@@ -152,6 +152,9 @@ def test_score_candidates_matches_a_direct_forward(tiny_model, tiny_tokenizer):
             result = model(input_ids=ids)
         logp = torch.log_softmax(result.logits[0].float(), -1)
         positions = [p for p in range(tok.step_ends[0] + 1, tok.step_ends[1] + 1) if tok.completion_mask[p]]
+        if i == 0:  # the answer step's last newline is the sampler's, not the policy's: not in its log-prob
+            assert tiny_tokenizer.decode([tok.input_ids[positions[-1]]]) == "\n"
+            positions = positions[:-1]
         expected = sum(float(logp[p - 1, tok.input_ids[p]]) for p in positions)
         assert out["logp_sum"][i] == pytest.approx(expected, abs=1e-4)
         assert out["num_tokens"][i] == len(positions)

@@ -246,8 +246,16 @@ def encode_candidates(tokenizer: Any, groups: Sequence[dict[str, Any]]) -> list[
         group = groups[int(g)]
         tok = tokenize_solution(tokenizer, group["prompt"], [*group["prefix"], c["text"]], add_eos=False)
         start = tok.step_ends[-2] + 1 if len(tok.step_ends) > 1 else tok.prompt_len
-        positions = [p for p in range(start, tok.step_ends[-1] + 1) if tok.completion_mask[p]]
-        encoded.append((tok.input_ids, positions, tok.step_ends[-1]))
+        end = tok.step_ends[-1]
+        positions = [p for p in range(start, end + 1) if tok.completion_mask[p]]
+        # An answer step's generation stops at "</step>" and the sampler appends the newline (where V is read):
+        # the policy did not write it, so its probability (low: after a final answer the model ends the text)
+        # is no part of the step's log-prob or prior, as in search (Step.prior, Eq. 4).
+        if c["text"].endswith("</step>\n") and positions and positions[-1] == end and tokenizer.decode(
+            [tok.input_ids[end]]
+        ) == "\n":
+            positions = positions[:-1]
+        encoded.append((tok.input_ids, positions, end))
     return encoded
 
 
