@@ -45,8 +45,8 @@ class SBSConfig:
             - ``"value"`` (default, the paper, §3.3): V of the value head at the candidate's step end.
             - ``"prior"``: the step's prior, Eq. 4's mean token probability under the policy; needs no value
               head and makes no value call. Measured on the miniature (``benchmarks/value_lab.py``, 3 seeds,
-              held-out states of 300 test problems, B2 = 5): within-state accuracy 74-79% against V's 51-59%;
-              see docs/value_lab.md.
+              held-out states of 300 test problems, B2 = 5): it orders on-track above off-track siblings in
+              71-83% of pairs, the SVPO value head in 41-59%; see docs/value_lab.md for SBS accuracy.
             - ``"value+prior"``: both, standardised over the question's candidates of the round (z-scores),
               ``z(prior) + value_weight * z(V)``.
         value_weight: weight of V in ``"value+prior"`` (default 0.5: in the lab, 0.5 matched the prior, more
