@@ -17,6 +17,7 @@ Writes ``benchmarks/results/value_lab.{json,md}``.
 
     python benchmarks/value_lab.py prepare --seeds 0 1 2
     python benchmarks/value_lab.py run --seeds 0 1 2
+    python benchmarks/value_lab.py sbs-reference --seeds 0 1 2   # SBS ranked by the reference policy's prior
     python benchmarks/value_lab.py sbs --seeds 0 1 2   # after recipes/evaluate.py wrote <seed>/eval_rankers
     python benchmarks/value_lab.py render           # tables from the saved JSON
 """
@@ -275,7 +276,13 @@ VARIANTS = [
     ("frozen linear, layer 1 step end, pairwise (Alg. 1)", "linear", "end:1", "pairwise", "alg1"),
     ("frozen linear, embeddings mean, pairwise (Alg. 1)", "linear", "mean:0", "pairwise", "alg1"),
     ("frozen MLP, mean of step tokens, pairwise (Alg. 1)", "mlp", "mean:-1", "pairwise", "alg1"),
-    ("linear on the step's log-probs (standardised), pairwise (Alg. 1)", "linear", "logprobs", "pairwise", "alg1"),
+    (
+        "linear on the step's log-probs (standardised), pairwise (Alg. 1)",
+        "linear",
+        "logprobs",
+        "pairwise",
+        "alg1",
+    ),
     (
         "frozen linear, step end, pairwise on gold labels (upper bound)",
         "linear",
@@ -655,12 +662,45 @@ def render_analysis(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SBS_ROWS = {"greedy": "greedy", "SBS(1,5), V (paper)": "sbs1x5", "SBS(1,5), prior": "sbs1x5-prior"}
+SBS_ROWS = {
+    "greedy": "greedy",
+    "SBS(1,5), V (paper)": "sbs1x5",
+    "SBS(1,5), prior": "sbs1x5-prior",
+    "SBS(1,5), prior of the reference (value SFT) policy": "sbs1x5-reference",
+}
 SBS_DIFFERENCES = [
     ("SBS(1,5) ranked by the prior - greedy", "SBS(1,5), prior", "greedy"),
+    (
+        "SBS(1,5) ranked by the reference's prior - greedy",
+        "SBS(1,5), prior of the reference (value SFT) policy",
+        "greedy",
+    ),
     ("SBS(1,5) ranked by V (paper) - greedy", "SBS(1,5), V (paper)", "greedy"),
     ("SBS(1,5): prior - V", "SBS(1,5), prior", "SBS(1,5), V (paper)"),
 ]
+
+
+def sbs_reference(seed: int, seed_root: str, limit: int = 1000) -> None:
+    """SBS(1,5) with the SVPO policy, its candidates ranked by the reference (value-SFT) policy's prior."""
+    from svpo_trl.data import load_problems
+    from svpo_trl.evaluation import Strategy, evaluate
+    from svpo_trl.models.loading import load_policy
+    from svpo_trl.search.backends import HFBackend
+    from svpo_trl.search.rankers import PolicyPriorRanker
+
+    src = os.path.join(seed_root, f"seed{seed}")
+    model, tokenizer = load_policy(os.path.join(src, "svpo"))
+    reference, reference_tokenizer = load_policy(os.path.join(src, "value_sft"))
+    problems = load_problems("toy", split="test").select(range(limit))
+    evaluate(
+        HFBackend(model, tokenizer, batch_size=512, seed=seed),
+        problems,
+        Strategy("sbs", beam_width=1, num_samples=5, ranker="prior"),
+        ranker=PolicyPriorRanker(reference, reference_tokenizer, batch_size=256),
+        batch_size=500,
+        max_new_tokens=96,
+        output_jsonl=os.path.join(src, "eval_rankers", "svpo__toy__sbs1x5-reference.jsonl"),
+    )
 
 
 def collect_sbs(seed_root: str, seeds: list[int]) -> dict[str, Any]:
@@ -671,11 +711,15 @@ def collect_sbs(seed_root: str, seeds: list[int]) -> dict[str, Any]:
     correct: dict[str, dict[str, list[int]]] = {}
     for seed in seeds:
         folder = os.path.join(seed_root, f"seed{seed}", "eval_rankers")
-        rows = {}
+        rows, ids = {}, {}
         for row, slug in SBS_ROWS.items():
             [path] = [p for p in os.listdir(folder) if p.endswith(f"__{slug}.jsonl")]
             with open(os.path.join(folder, path)) as handle:
-                rows[row] = [int(json.loads(line)["correct"]) for line in handle]
+                records = [json.loads(line) for line in handle]
+            rows[row] = [int(r["correct"]) for r in records]
+            ids[row] = [r["id"] for r in records]
+        if len({tuple(v) for v in ids.values()}) != 1:
+            raise ValueError(f"seed {seed}: the SBS rows were not run on the same problems in the same order")
         correct[str(seed)] = rows
     keys = sorted(correct, key=int)
     differences = {}
@@ -749,7 +793,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["prepare", "run", "sbs", "render"])
+    parser.add_argument("command", choices=["prepare", "run", "sbs-reference", "sbs", "render"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heldout", type=int, default=300, help="test problems of the held-out groups")
     parser.add_argument("--seed-root", default=SEED_ROOT)
@@ -772,6 +816,10 @@ def main() -> None:
                 json.dump(saved, handle)
             os.replace(path + ".tmp", path)
             print(f"[lab] seed {seed}: {result['total_seconds']:.0f} s", flush=True)
+    if args.command == "sbs-reference":
+        for seed in args.seeds:
+            sbs_reference(seed, args.seed_root)
+        return
     if args.command == "sbs":
         saved = _load(path)
         saved["sbs"] = collect_sbs(args.seed_root, args.seeds)

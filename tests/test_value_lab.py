@@ -162,3 +162,32 @@ def test_score_candidates_matches_a_direct_forward(tiny_model, tiny_tokenizer):
         assert out["tokens"][i].shape == (len(positions), model.config.hidden_size)
     # the code step's environment part (the output block) is not the model's: fewer tokens than the text
     assert out["hidden_end"][-1].shape == (2, model.config.hidden_size)
+
+
+def test_policy_prior_ranker_scores_each_step_under_its_own_model(tiny_model, tiny_tokenizer):
+    import math as _math
+
+    from svpo_trl.search.rankers import PolicyPriorRanker
+    from svpo_trl.search.sbs import SBSConfig, SBSGenerator
+    from svpo_trl.search.state import State
+    from svpo_trl.search.testing import ScriptedBackend
+
+    prompt = DEFAULT_FORMAT.prompt("What is 3 + 4?")
+    steps = [DEFAULT_FORMAT.render_answer_step("add", "7"), DEFAULT_FORMAT.render_answer_step("mul", "12")]
+    ranker = PolicyPriorRanker(tiny_model, tiny_tokenizer)
+    parsed = [DEFAULT_FORMAT.parse(s) for s in steps]
+    scores = ranker([0, 0], [State(prompt, [p]) for p in parsed], [None, None])
+    groups = [{"prompt": prompt, "prefix": [], "candidates": [{"text": s} for s in steps]}]
+    expected = score_candidates(tiny_model, tiny_tokenizer, groups)
+    assert scores == pytest.approx(list(expected["prob_mean"]))
+    assert all(0 < s < 1 and not _math.isnan(s) for s in scores)
+    # SBS keeps the step the other policy finds likelier, whatever the searching policy's own prior says
+    backend = ScriptedBackend({prompt: [(steps[0].rstrip("\n"), 0.5), (steps[1].rstrip("\n"), 0.5)]})
+
+    class _Sandbox:
+        def run_many(self, snippet_lists, max_workers=None):
+            return []
+
+    config = SBSConfig(num_samples=2, ranker="prior")
+    [result] = SBSGenerator(backend, config, sandbox=_Sandbox()).generate(["What is 3 + 4?"], ranker=ranker)
+    assert result.final_answer == ("7" if scores[0] > scores[1] else "12")

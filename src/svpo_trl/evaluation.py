@@ -26,7 +26,7 @@ from .errors import UsageError
 from .grading import is_equiv
 from .search.backends import GenerationBackend
 from .search.sampler import StepSampler
-from .search.sbs import RANKERS, SBSConfig, SBSGenerator, SBSResult
+from .search.sbs import RANKERS, Ranker, SBSConfig, SBSGenerator, SBSResult
 from .steps import DEFAULT_FORMAT, StepFormat
 
 Grader = Callable[[str | None, Any], bool]
@@ -175,6 +175,7 @@ def evaluate(
     progress: bool = True,
     shard: ProcessShard | None = None,
     resume: bool = True,
+    ranker: Ranker | None = None,
 ) -> EvalResult:
     """Solve every problem with ``strategy`` and grade the answers against the gold.
 
@@ -191,6 +192,7 @@ def evaluate(
     With ``shard`` (:meth:`svpo_trl.distributed.ProcessShard.from_environment` under
     ``accelerate launch``), each process solves its share of the problems (by id) and the records
     are gathered so that every process returns the whole result; rank 0 writes the JSONL.
+    ``ranker`` replaces SBS's ranking score (e.g. :class:`svpo_trl.search.rankers.PolicyPriorRanker`).
     """
     strategy = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
     shard = shard if shard is not None else ProcessShard()
@@ -220,7 +222,7 @@ def evaluate(
         batch = todo[start : start + batch_size]
         questions = [rows[p]["question"] for p in batch for _ in range(repeats)]
         began = time.perf_counter()
-        results = generator.generate(questions)
+        results = generator.generate(questions, ranker=ranker)
         seconds = (time.perf_counter() - began) / len(batch)
         new = {
             p: _record(rows[p], results[i * repeats : (i + 1) * repeats], seconds, strategy, grader)

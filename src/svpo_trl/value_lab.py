@@ -237,7 +237,9 @@ def ranking_metrics(
     return result
 
 
-def encode_candidates(tokenizer: Any, groups: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[int], int]]:
+def encode_candidates(
+    tokenizer: Any, groups: Sequence[dict[str, Any]]
+) -> list[tuple[list[int], list[int], int]]:
     """Per candidate (in :func:`flat_candidates` order): the token ids of prompt + prefix + step, the positions
     of the step's model-written tokens, and the step's last token (where V is read)."""
     flat, owner = flat_candidates(groups)
@@ -251,9 +253,12 @@ def encode_candidates(tokenizer: Any, groups: Sequence[dict[str, Any]]) -> list[
         # An answer step's generation stops at "</step>" and the sampler appends the newline (where V is read):
         # the policy did not write it, so its probability (low: after a final answer the model ends the text)
         # is no part of the step's log-prob or prior, as in search (Step.prior, Eq. 4).
-        if c["text"].endswith("</step>\n") and positions and positions[-1] == end and tokenizer.decode(
-            [tok.input_ids[end]]
-        ) == "\n":
+        if (
+            c["text"].endswith("</step>\n")
+            and positions
+            and positions[-1] == end
+            and tokenizer.decode([tok.input_ids[end]]) == "\n"
+        ):
             positions = positions[:-1]
         encoded.append((tok.input_ids, positions, end))
     return encoded
