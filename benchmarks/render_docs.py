@@ -378,9 +378,13 @@ def value_lab(part: str) -> Callable[[], str]:
     def render() -> str:
         module = _value_lab_module()
         results = _load("value_lab.json")
-        return {"rankers": module.render, "analysis": module.render_analysis, "sbs": module.render_sbs}[part](
-            results
-        )
+        renderers = {
+            "rankers": module.render,
+            "analysis": module.render_analysis,
+            "sbs": module.render_sbs,
+            "headline": module.render_headline,
+        }
+        return renderers[part](results)
 
     return render
 
@@ -389,6 +393,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "value_lab_rankers": value_lab("rankers"),
     "value_lab_analysis": value_lab("analysis"),
     "value_lab_sbs": value_lab("sbs"),
+    "value_lab_headline": value_lab("headline"),
     "demo": demo,
     "demo_run": demo_run,
     "reproduce_headline": reproduce_headline,

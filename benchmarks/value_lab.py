@@ -662,6 +662,21 @@ def render_analysis(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_headline(results: dict[str, Any]) -> str:
+    """The README's two lines: SBS ranked by the reference's prior and by V, against greedy, pooled."""
+    diffs = results["sbs"]["differences"]
+    ref = diffs["SBS(1,5) ranked by the reference's prior - greedy"]
+    value = diffs["SBS(1,5) ranked by V (paper) - greedy"]
+    seeds = ", ".join(f"{100 * d['difference']:+.1f}" for d in ref["per_seed"])
+    from svpo_trl.stats import format_difference
+
+    return (
+        f"SBS(1,5) − greedy on 1000 held-out problems, {len(ref['per_seed'])} seeds, pooled: ranked by the "
+        f"reference policy's prior {format_difference(ref['pooled'])} points (per seed {seeds}); ranked by the "
+        f"paper's V {format_difference(value['pooled'])}."
+    )
+
+
 SBS_ROWS = {
     "greedy": "greedy",
     "SBS(1,5), V (paper)": "sbs1x5",
