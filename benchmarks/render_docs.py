@@ -35,11 +35,9 @@ def _load(name: str) -> dict[str, Any]:
     return json.loads((RESULTS / name).read_text())
 
 
-def _reproduce_module():
-    """benchmarks/reproduce_tables.py (the reproduction's tables live next to the runs that make them)."""
-    spec = importlib.util.spec_from_file_location(
-        "reproduce_tables", ROOT / "benchmarks" / "reproduce_tables.py"
-    )
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py (a benchmark's tables live next to the runs that make them)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -132,7 +130,7 @@ def demo_run() -> str:
 
 def reproduce_tables() -> str:
     """The reproduction's full tables (docs/results.md), as ``reproduce_tables.py --render-only`` makes them."""
-    markdown, _ = _reproduce_module().tables(_load("reproduce_tables.json")["runs"])
+    markdown, _ = _benchmark_module("reproduce_tables").tables(_load("reproduce_tables.json")["runs"])
     return markdown
 
 
@@ -157,7 +155,7 @@ def reproduce_headline() -> str:
 
     saved = _load("reproduce_tables.json")
     runs = saved["runs"]
-    _, summary = _reproduce_module().tables(runs)
+    _, summary = _benchmark_module("reproduce_tables").tables(runs)
     seeds = sorted(runs, key=int)
     n = len(runs[seeds[0]]["correct"]["SFT/greedy"])
     rows = []
@@ -186,7 +184,7 @@ def reproduce_targets() -> str:
     from svpo_trl.stats import format_difference
 
     runs = _load("reproduce_tables.json")["runs"]
-    _, summary = _reproduce_module().tables(runs)
+    _, summary = _benchmark_module("reproduce_tables").tables(runs)
     seeds = sorted(runs, key=int)
     pct = lambda values: 100 * statistics.fmean(values)  # noqa: E731
     greedy = [pct(runs[s]["correct"]["SFT/greedy"]) for s in seeds]
@@ -364,19 +362,11 @@ def vllm_figures() -> str:
     )
 
 
-def _value_lab_module():
-    """benchmarks/value_lab.py (the lab's tables live next to the runs that make them)."""
-    spec = importlib.util.spec_from_file_location("value_lab", ROOT / "benchmarks" / "value_lab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def value_lab(part: str) -> Callable[[], str]:
     """One of the value lab's tables (``rankers``, ``analysis``, ``sbs``) from benchmarks/results/value_lab.json."""
 
     def render() -> str:
-        module = _value_lab_module()
+        module = _benchmark_module("value_lab")
         results = _load("value_lab.json")
         renderers = {
             "rankers": module.render,
