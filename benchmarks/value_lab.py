@@ -358,9 +358,9 @@ def finetune_value_model(
     target = np.asarray([c["target"] for c in flat])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id or 0
-    group_ids = [g for g in range(len(groups)) if loss != "pairwise" or g in set(mixed_groups(groups))]
-    if loss == "pairwise":  # pairs by Algorithm 1's label, not gold: what a user has
-        group_ids = [g for g in range(len(groups)) if len({alg1[i] for i in np.flatnonzero(owner == g)}) == 2]
+    group_ids = list(range(len(groups)))
+    if loss == "pairwise":  # groups whose children Algorithm 1 labels both ways: what a user has, not gold
+        group_ids = [g for g in group_ids if len({alg1[i] for i in np.flatnonzero(owner == g)}) == 2]
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         order = rng.permutation(group_ids)
@@ -480,7 +480,6 @@ def run_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
     )
     # heads on the SVPO policy's frozen features
     svpo = scores["svpo"]
-    head_fits: dict[str, Any] = {}
     for name, kind, source, loss, target in VARIANTS:
         t0 = time.perf_counter()
         inputs = {s: frozen_inputs(svpo[s], source) for s in groups}
@@ -498,7 +497,6 @@ def run_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
             )
         )
         add(name, per, time.perf_counter() - t0)
-        head_fits[name] = per
     for name, loss in FINETUNED:
         t0 = time.perf_counter()
         model, tokenizer = finetune_value_model(os.path.join(src, "svpo"), groups["train"], loss, seed=seed)
