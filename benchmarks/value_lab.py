@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from svpo_trl.search.sbs import zscores
 from svpo_trl.value_lab import flat_candidates, mixed_groups, ranking_metrics, score_candidates
 
 LAB_ROOT = "outputs/value_lab"
@@ -416,9 +417,7 @@ def _zscore_within(groups: list[dict], x: np.ndarray) -> np.ndarray:
     out = np.zeros_like(x, dtype=float)
     for g in range(len(groups)):
         idx = owner == g
-        v = x[idx]
-        s = v.std()
-        out[idx] = (v - v.mean()) / s if s > 1e-12 else 0.0
+        out[idx] = zscores(x[idx].tolist())
     return out
 
 

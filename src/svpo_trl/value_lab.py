@@ -26,6 +26,7 @@ import numpy as np
 
 from .search.tree import Tree
 from .tokenization import tokenize_solution
+from .value_diagnostic import pairwise_accuracy
 
 __all__ = [
     "diagnostic_groups",
@@ -154,10 +155,8 @@ def mixed_groups(groups: Sequence[dict[str, Any]]) -> list[int]:
 
 def _group_stats(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int, int]:
     """Pairwise wins (ties half), number of (on, off) pairs, and whether the top-scored one is on track."""
-    on, off = scores[labels], scores[~labels]
-    diff = on[:, None] - off[None, :]
-    wins = float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-    return wins, on.size * off.size, int(labels[int(np.argmax(scores))])
+    accuracy, pairs = pairwise_accuracy(scores[labels].tolist(), scores[~labels].tolist())
+    return accuracy * pairs, pairs, int(labels[int(np.argmax(scores))])
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -279,7 +279,8 @@ class SBSGenerator:
         )
 
 
-def _standardised(xs: list[float]) -> list[float]:
+def zscores(xs: list[float]) -> list[float]:
+    """``(x - mean) / std`` (population std); all 0 when the values are all equal."""
     mean = sum(xs) / len(xs)
     std = (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
     return [(x - mean) / std if std > 1e-12 else 0.0 for x in xs]
@@ -296,8 +297,8 @@ def _value_plus_prior(
             continue
         own = values[cursor : cursor + len(cands)]
         cursor += len(cands)
-        priors = _standardised([c.steps[-1].prior for c in cands])
-        vs = _standardised([float(v) for v in own])
+        priors = zscores([c.steps[-1].prior for c in cands])
+        vs = zscores([float(v) for v in own])
         scores += [p + weight * v for p, v in zip(priors, vs)]
     return scores
 
