@@ -9,10 +9,8 @@ lines: after a benchmark writes new results, regenerate the pages, and the tests
     python benchmarks/render_docs.py --check      # exit 1 naming the stale blocks, change nothing
     python benchmarks/render_docs.py docs/results.md
 
-To measure the demo over seeds, write ``benchmarks/results/demo.json`` with one entry per seed under
-``seeds`` (each ``{"rows": [...]}``, the fields of the rows as in the committed file) and a ``source``
-saying how it was measured, then run this script: the README's demo table shows mean ± std over the seeds.
-``details`` (optional) holds one run's stage times and value diagnostic for docs/results.md (``demo_run``).
+The demo's blocks (``demo``, ``demo_claims``, ``demo_run``) render ``benchmarks/results/demo.json``, which
+``python benchmarks/demo_seeds.py --publish NAME`` writes from the seeds it measured.
 """
 
 from __future__ import annotations
@@ -71,60 +69,68 @@ def _mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def demo() -> str:
-    """The table ``make demo`` prints, from benchmarks/results/demo.json (one seed or mean ± std over seeds)."""
+def _demo_seeds() -> tuple[dict[str, Any], list[str]]:
     data = _load("demo.json")
-    seeds = sorted(data["seeds"], key=int)
+    return data, sorted(data["seeds"], key=int)
+
+
+def demo() -> str:
+    """The table ``make demo`` prints, from benchmarks/results/demo.json: each row's mean and range over the
+    seeds measured, and every seed's value."""
+    data, seeds = _demo_seeds()
     first = data["seeds"][seeds[0]]["rows"]
-    header = ["System", "Decoding", "toy", "tokens / question", "seconds / question"]
-    if len(seeds) > 1:
-        header[2] = f"toy (mean ± std, seeds {', '.join(seeds)})"
+    header = [
+        "System",
+        "Decoding",
+        "toy, mean (range)",
+        "per seed",
+        "tokens / question",
+        "seconds / question",
+    ]
     rows = []
     for i, row in enumerate(first):
         per_seed = [data["seeds"][s]["rows"][i] for s in seeds]
         assert all((r["system"], r["decoding"]) == (row["system"], row["decoding"]) for r in per_seed), (
             "every seed of demo.json lists the same rows in the same order"
         )
+        accuracy = [r["accuracy"] for r in per_seed]
         rows.append(
             [
                 row["system"],
                 row["decoding"],
-                _mean_std([r["accuracy"] for r in per_seed], 1),
-                _mean_std([r["tokens_per_question"] for r in per_seed], 0),
-                _mean_std([r["seconds_per_question"] for r in per_seed], 3),
+                f"{statistics.fmean(accuracy):.1f} ({min(accuracy):.1f}–{max(accuracy):.1f})",
+                ", ".join(f"{a:.1f}" for a in accuracy),
+                f"{statistics.fmean(r['tokens_per_question'] for r in per_seed):.0f}",
+                f"{statistics.fmean(r['seconds_per_question'] for r in per_seed):.3f}",
             ]
         )
     table = markdown_table(header, rows)
-    return f"{table}\n\n<sub>From `benchmarks/results/demo.json` ({data['source']}).</sub>"
+    return (
+        f"{table}\n\n<sub>Seeds {', '.join(seeds)} of `make demo` ({data['problems']} problems), from "
+        f"`benchmarks/results/demo.json` ({data['source']}).</sub>"
+    )
+
+
+def demo_claims() -> str:
+    """The paired lines the demo prints after its table, per seed (from the per-problem results in demo.json)."""
+    from svpo_trl.pipeline.claims import claim_lines
+
+    data, seeds = _demo_seeds()
+    lines = []
+    for claim in data["claims"]:
+        per_seed = [claim_lines(data["seeds"][s]["correct"], [claim])[0] for s in seeds]
+        lines.append(f"- {claim['claim']}:")
+        lines += [f"  - seed {s}: {line.split(': ', 1)[1]}" for s, line in zip(seeds, per_seed)]
+    return "\n".join(lines)
 
 
 def demo_run() -> str:
-    """Stage times and the value diagnostic of the demo run in demo.json's ``details`` (docs/results.md)."""
-    data = _load("demo.json")
-    details = data.get("details")
-    if not details:
-        return "(demo.json holds no details of one run)"
-    t, v = details["stages"], details["value_diagnostic"]
-    rows = data["seeds"][details["seed"]]["rows"]
-    greedy = next(r for r in rows if r["system"] == "SVPO" and r["decoding"] == "greedy")["accuracy"]
-    sbs = next(r for r in rows if r["system"] == "SVPO" and r["decoding"] != "greedy")["accuracy"]
+    """How long each seed of the demo took, and in which setting (docs/results.md)."""
+    data, seeds = _demo_seeds()
+    minutes = ", ".join(f"{data['seeds'][s]['pipeline_minutes']:.1f}" for s in seeds)
     return (
-        f"Stage times in that run (seed {details['seed']}): stage-0 SFT {t['sft_seconds']} s ({t['sft_steps']} steps), "
-        f"MCTS annotation of {t['annotation_questions']} questions {t['annotation_seconds']} s "
-        f"({t['annotation_tokens']} tokens, {t['sandbox_executions']} sandbox executions, {t['trees']} trees, "
-        f"{t['solved']} questions solved, {t['pairs']} step-level pairs whose chosen / rejected labels are "
-        f"{t['chosen_right_pct']}% / {t['rejected_right_pct']}% right against the toy's gold steps), value "
-        f"pre-training {t['value_sft_seconds']} s, SVPO {t['svpo_seconds']} s, DPO {t['dpo_seconds']} s, evaluation "
-        f"of the {len(rows)} rows about {t['evaluation_minutes']} minutes. The demo's SVPO checkpoint, judged by\n"
-        f"`{v['command']}`:\n\n"
-        "```text\n"
-        f"[evaluate] value diagnostic on {v['problems']} problems (GoldLabeler, SBS(1,5) at T=0.6): "
-        f"{v['mixed_states']} of {v['states']} states mix right and wrong steps\n"
-        f"  within-group accuracy: V {v['within_group_accuracy']}%, prior {v['prior_within_group_accuracy']}% "
-        f"(0.5 = chance); top-1 on track: V {v['top1_accuracy']}%, prior {v['prior_top1_accuracy']}%\n"
-        f"  value AUC {v['value_auc']}%; SBS oracle ceiling {v['oracle_ceiling']}%\n"
-        "```\n\n"
-        f"SBS(1,5) against greedy decoding for the same SVPO model in that run: {sbs - greedy:+.1f} points."
+        f"Pipeline minutes per seed (install excluded, seeds {', '.join(seeds)}): {minutes}, on "
+        f"{data['machine']}, `{data['setting']}` with `num_threads: {data['num_threads']}`."
     )
 
 
@@ -386,6 +392,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "value_lab_headline": value_lab("headline"),
     "demo": demo,
     "demo_run": demo_run,
+    "demo_claims": demo_claims,
     "reproduce_headline": reproduce_headline,
     "reproduce_tables": reproduce_tables,
     "reproduce_targets": reproduce_targets,

@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=ToySFTConfig.num_layers)
     parser.add_argument("--num-train", type=int, default=ToySFTConfig.num_train_problems)
     parser.add_argument("--learning-rate", type=float, default=ToySFTConfig.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=ToySFTConfig.batch_size)
     parser.add_argument("--max-ops", type=int, default=ToyTaskConfig.max_ops)
     parser.add_argument("--max-operand", type=int, default=ToyTaskConfig.max_operand)
     parser.add_argument("--num-test", type=int, default=300)
@@ -205,6 +206,7 @@ def main() -> None:
         num_layers=args.num_layers,
         num_train_problems=args.num_train,
         learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
         task=task,
         misreadings=SFTScriptArguments(toy_misreadings=args.misreadings).toy_misreading_map(),
         misreading_rate=args.misreading_rate,

@@ -457,3 +457,22 @@ def test_annotate_and_evaluate_recipes_shard_across_two_processes(setting):
     # Greedy decoding of the same questions: the same solutions whichever process ran them.
     single = [json.loads(line) for line in (one / "sft__toy__greedy.jsonl").read_text().splitlines()]
     assert [r["solution"] for r in lines] == [r["solution"] for r in single]
+
+
+def test_pipeline_prints_its_claims_and_where_its_outputs_are(setting, tmp_path, capsys):
+    """After the table: one paired line per claim of ``pipeline.claims``, the output folder, a tree command."""
+    root, config = setting
+    from svpo_trl.pipeline import run_pipeline
+
+    with_claims = yaml.safe_load(Path(config).read_text())
+    with_claims["pipeline"]["claims"] = [
+        {"claim": "SBS vs greedy", "first": ["SVPO", "sbs(1,2)"], "second": ["SVPO", "greedy"]}
+    ]
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(with_claims))
+    rows = run_pipeline(str(path), stages=["evaluate"])
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if line.startswith("  - SBS vs greedy: ")]
+    greedy, sbs = (100 * r["accuracy"] for r in rows)  # the rows in the order the setting lists them
+    assert line.startswith(f"  - SBS vs greedy: {sbs:.1f} vs {greedy:.1f}, ") and "2 problems" in line
+    assert f"outputs: checkpoints, annotation and per-problem JSONL under {root}/" in out

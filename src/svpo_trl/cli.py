@@ -48,6 +48,23 @@ def load_setting(path: str) -> dict[str, Any]:
     return setting
 
 
+def apply_num_threads(setting: dict[str, Any], path: str) -> None:
+    """``num_threads: N`` at the top of a setting file: torch's CPU threads for every stage.
+
+    The order of a matmul's floating-point sums depends on how many threads share it, so on a CPU the thread
+    count is part of what a run computes: the same seed with 1 and 2 threads trains different models. A
+    setting that fixes it gives the same numbers on every machine with that many cores or more.
+    """
+    if "num_threads" not in setting:
+        return
+    threads = setting["num_threads"]
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"{path}: num_threads must be a positive integer, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def setting_sections(setting: dict[str, Any]) -> list[str]:
     """The stage sections a setting file has, in file order (empty for a flat TRL-style file)."""
     return [name for name in setting if name in STAGES]
@@ -233,6 +250,7 @@ def parse_stage_args(
         section = section or stage
         for key, value in (setting.get("env") or {}).items():
             os.environ[key] = str(value)
+        apply_num_threads(setting, config)
         shared, own = stage_section(setting, section)
         known = {action.dest for action in parser._actions}
         # Shared keys go to the stages that have such a field; a stage's own keys must all be known.

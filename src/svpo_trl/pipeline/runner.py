@@ -151,4 +151,27 @@ def run_pipeline(
                 f"\n[pipeline] finished in {time.perf_counter() - began:.0f}s. Results ({out}/results.md):\n"
             )
             print(table)
+            print_claims(rows, plan, out)
     return rows
+
+
+def print_claims(rows: list[dict[str, Any]], plan: dict[str, Any], out: str) -> None:
+    """After the table: the paired difference of every claim in ``pipeline.claims``, then where the outputs
+    are and how to open one search tree."""
+    from .claims import claim_lines, correct_by_row
+
+    claims = plan.get("claims") or []
+    if claims:
+        print("\n[pipeline] what this run shows (paired on the same problems):")
+        for line in claim_lines(correct_by_row(rows), claims):
+            print(f"  - {line}")
+    print(f"\n[pipeline] outputs: checkpoints, annotation and per-problem JSONL under {out}/")
+    trees = os.path.join(out, "annotation", "trees")
+    if os.path.isdir(trees):
+        from datasets import load_from_disk
+
+        first = load_from_disk(trees)[0]["id"]
+        print(
+            "[pipeline] open one search tree: python recipes/inspect_search.py tree "
+            f"{os.path.dirname(trees)} --id {first} --out tree.html"
+        )

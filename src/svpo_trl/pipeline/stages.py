@@ -386,6 +386,7 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
     rows = []
     for label, problems in problem_sets:
         for strategy in strategies:
+            predictions = os.path.join(args.output_dir, f"{_slug(system)}__{label}__{strategy.slug}.jsonl")
             result = evaluate(
                 backend,
                 problems,
@@ -393,13 +394,12 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
                 max_depth=args.max_depth,
                 max_new_tokens=args.max_new_tokens,
                 batch_size=args.batch_size,
-                output_jsonl=os.path.join(
-                    args.output_dir, f"{_slug(system)}__{label}__{strategy.slug}.jsonl"
-                ),
+                output_jsonl=predictions,
                 shard=shard,
                 resume=args.resume,
             )
-            rows.append(summary_row(system, label, result))
+            # Where the per-problem records are: what pipeline.claims compares problem by problem.
+            rows.append({**summary_row(system, label, result), "predictions": predictions})
             if shard.is_main:
                 accuracy = 100 * result.metrics["accuracy"]
                 print(f"[evaluate] {system} {strategy.label} on {label}: {accuracy:.1f}%")
