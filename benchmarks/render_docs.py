@@ -111,6 +111,17 @@ def demo() -> str:
     )
 
 
+def demo_claims_seed0() -> str:
+    """The paired lines the demo printed after its table on the first seed, as it prints them (README)."""
+    from svpo_trl.pipeline.claims import claim_lines
+
+    data, seeds = _demo_seeds()
+    lines = claim_lines(data["seeds"][seeds[0]]["correct"], data["claims"])
+    return "```text\n[pipeline] what this run shows (paired on the same problems):\n" + "\n".join(
+        f"  - {line}" for line in lines
+    ) + "\n```"
+
+
 def demo_claims() -> str:
     """The paired lines the demo prints after its table, per seed (from the per-problem results in demo.json)."""
     from svpo_trl.pipeline.claims import claim_lines
@@ -393,6 +404,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo_run": demo_run,
     "demo_claims": demo_claims,
+    "demo_claims_seed0": demo_claims_seed0,
     "reproduce_headline": reproduce_headline,
     "reproduce_tables": reproduce_tables,
     "reproduce_targets": reproduce_targets,
@@ -403,6 +415,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "real_model_sft_log": typed_table("real_model_stage0_sft_log.json"),
     "real_model_mcts": real_model_mcts,
     "label_quality": typed_table("label_quality_toy.json"),
+    "demo_stage0_probes": typed_table("demo_stage0_probes.json"),
     "deepspeed_cpu": typed_table("deepspeed_cpu.json"),
 }
 MARKER = re.compile(r"<!-- ([a-z0-9_]+):begin -->\n(.*?)<!-- \1:end -->", re.DOTALL)

@@ -54,19 +54,28 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "SFT": ("sft", ["greedy"]),
     "Value SFT": ("value_sft", ["greedy"]),
     "DPO": ("dpo", ["greedy"]),
-    "SVPO": ("svpo", ["greedy", "sbs(1,5)", "sbs(3,5)", "sbs(1,5,prior)"]),
+    "SVPO": ("svpo", ["greedy", "sbs(1,5)", "sbs(3,5)", "sbs(1,5,prior)", "sbs(1,5,reference)"]),
     # The ablations are evaluated greedily: on 1000 problems their three SBS(1,5) rows would cost ~15 of a
     # seed's 60 minutes (about 5 minutes each, measured), and their value heads are judged by the diagnostic.
     "SVPO w/o margin": ("svpo_no_margin", ["greedy"]),
     "SVPO w/o MSE": ("svpo_no_mse", ["greedy"]),
     "SVPO w/o regularization": ("svpo_no_reg", ["greedy"]),
 }
-SLUGS = {"greedy": "greedy", "sbs(1,5)": "sbs1x5", "sbs(3,5)": "sbs3x5", "sbs(1,5,prior)": "sbs1x5-prior"}
+SLUGS = {
+    "greedy": "greedy",
+    "sbs(1,5)": "sbs1x5",
+    "sbs(3,5)": "sbs3x5",
+    "sbs(1,5,prior)": "sbs1x5-prior",
+    "sbs(1,5,reference)": "sbs1x5-reference",
+}
+# The policy whose prior ranks a system's sbs(B1,B2,reference) rows: SVPO's starting point.
+REFERENCE = {"svpo": "value_sft"}
 # The differences the issue asks for: (label, first row, second row).
 COMPARISONS = [
     ("SVPO: SBS(1,5) - greedy", "SVPO/sbs(1,5)", "SVPO/greedy"),
     ("SVPO: SBS(3,5) - greedy", "SVPO/sbs(3,5)", "SVPO/greedy"),
     ("SVPO: SBS(1,5) ranked by the prior - greedy", "SVPO/sbs(1,5,prior)", "SVPO/greedy"),
+    ("SVPO: SBS(1,5) ranked by the value-SFT prior - greedy", "SVPO/sbs(1,5,reference)", "SVPO/greedy"),
     ("greedy: SVPO - SFT", "SVPO/greedy", "SFT/greedy"),
     ("greedy: SVPO - DPO", "SVPO/greedy", "DPO/greedy"),
     ("greedy: Value SFT - SFT", "Value SFT/greedy", "SFT/greedy"),
@@ -132,6 +141,7 @@ def run_seed(config_path: str, root: str) -> dict[str, Any]:
         args = ["--config", config_path, "--model_name_or_path", os.path.join(root, folder)]
         args += ["--system_name", folder, "--output_dir", eval_dir, "--strategies", *strategies]
         args += ["--value_diagnostic"] if diagnose else []
+        args += ["--reference_model", os.path.join(root, REFERENCE[folder])] if folder in REFERENCE else []
         (eval_args,) = parse_stage_args("evaluate", [EvaluateArguments], args)
         if not _fresh(eval_dir, "evaluate", {"script": eval_args}):
             rows = run_evaluate(eval_args)

@@ -140,3 +140,36 @@ def test_the_demo_claims_name_rows_the_demo_evaluates():
     assert len(plan["claims"]) >= 3
     for claim in plan["claims"]:
         assert tuple(claim["first"]) in evaluated and tuple(claim["second"]) in evaluated, claim
+
+
+# ---------------------------------------------------------------------------- the committed demo figures
+def test_the_committed_demo_figures_were_measured_with_the_committed_setting():
+    """benchmarks/results/demo.json (the README's demo block) holds 3 seeds of the setting toy.yaml holds now,
+    each with every row's per-problem results: change the setting and this fails until the seeds are rerun."""
+    import json
+
+    demo = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())
+    setting = load_setting(str(DEMO))
+    assert demo["setting_content"] == {k: v for k, v in setting.items() if k != "seed"}
+    assert demo["num_threads"] == setting["num_threads"] and demo["overrides"] == []
+    assert len(demo["seeds"]) >= 3
+    for seed, run in demo["seeds"].items():
+        assert len(run["correct"]) == len(run["rows"]), seed
+        for row in run["rows"]:
+            correct = run["correct"][f"{row['system']}/{row['decoding']}"]
+            assert len(correct) == demo["problems"] == 300
+            assert round(100 * sum(correct) / len(correct), 1) == row["accuracy"], (seed, row)
+
+
+def test_demo_seeds_overrides_reach_the_setting():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_seeds", ROOT / "benchmarks" / "demo_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    setting = module.apply_overrides(
+        {"sft": {"max_steps": 600}}, ["sft.max_steps=1500", "num_threads=2", 'sft.toy_misreadings=["a=+"]']
+    )
+    assert setting == {"sft": {"max_steps": 1500, "toy_misreadings": ["a=+"]}, "num_threads": 2}
+    with pytest.raises(SystemExit, match="expected section.key=value"):
+        module.apply_overrides({}, ["sft.max_steps"])

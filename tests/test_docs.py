@@ -204,9 +204,9 @@ def test_rendered_blocks_are_what_the_committed_results_render(page, render_docs
 
 def test_the_pages_hold_the_blocks_they_promise(render_docs):
     readme = {name for name, _ in render_docs.blocks_in((ROOT / "README.md").read_text())}
-    assert {"demo", "reproduce_headline"} <= readme
+    assert {"demo", "demo_claims_seed0", "reproduce_headline"} <= readme
     results = {name for name, _ in render_docs.blocks_in((ROOT / "docs" / "results.md").read_text())}
-    assert {"demo", "demo_run", "reproduce_tables", "stage0_calibration", "benchmark_summary"} <= results
+    assert {"demo", "demo_run", "demo_claims", "reproduce_tables", "stage0_calibration", "benchmark_summary"} <= results
     used = set()
     for page in PAGES:
         used |= {name for name, _ in render_docs.blocks_in(page.read_text())}
@@ -214,23 +214,44 @@ def test_the_pages_hold_the_blocks_they_promise(render_docs):
 
 
 def test_the_demo_table_follows_its_results_file(render_docs, tmp_path, monkeypatch):
-    """Another seed in demo.json turns the table into mean ± std: the file, not the page, is edited."""
+    """Another seed in demo.json moves the table's mean and range: the file, not the page, is edited."""
     import json
 
     data = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())
-    second = json.loads(json.dumps(data["seeds"]["0"]))
+    first = data["seeds"]["0"]
+    second = json.loads(json.dumps(first))
     for row in second["rows"]:
-        row["accuracy"] += 2.0
-    data["seeds"]["1"] = second
+        row["accuracy"] = round(row["accuracy"] + 2.0, 1)
+    data["seeds"] = {"0": first, "1": second}
     (tmp_path / "demo.json").write_text(json.dumps(data))
     monkeypatch.setattr(render_docs, "RESULTS", tmp_path)
     table = render_docs.demo()
-    assert "toy (mean ± std, seeds 0, 1)" in table and "| SFT | greedy | 81.0 ± 1.4 | 115 ± 0 |" in table
+    a = first["rows"][0]["accuracy"]
+    expected = f"| SFT | greedy | {a + 1:.1f} ({a:.1f}–{a + 2:.1f}) | {a:.1f}, {a + 2:.1f} |"
+    assert "Seeds 0, 1 of `make demo`" in table and expected in table, table
     page = tmp_path / "page.md"
     page.write_text("x\n<!-- demo:begin -->\nold\n<!-- demo:end -->\ny\n")
     assert render_docs.main([str(page), "--check"]) == 1 and "old" in page.read_text()
-    assert render_docs.main([str(page)]) == 0 and "81.0 ± 1.4" in page.read_text()
+    assert render_docs.main([str(page)]) == 0 and expected in page.read_text()
     assert render_docs.main([str(page), "--check"]) == 0
+
+
+def test_the_demo_claims_are_recomputed_from_the_per_problem_results(render_docs):
+    """The README's paired lines are what the claims module computes from demo.json's 0/1 lists, and each
+    line's two accuracies are those of the rows it names."""
+    import json
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())
+    block = render_docs.demo_claims_seed0()
+    rows = {f"{r['system']}/{r['decoding']}": r["accuracy"] for r in data["seeds"]["0"]["rows"]}
+    assert len(data["claims"]) >= 3
+    for claim, line in zip(data["claims"], block.splitlines()[2:]):
+        assert line.startswith(f"  - {claim['claim']}: ")
+        from svpo_trl.evaluation import Strategy
+
+        first = rows[f"{claim['first'][0]}/{Strategy.parse(claim['first'][1]).label}"]
+        second = rows[f"{claim['second'][0]}/{Strategy.parse(claim['second'][1]).label}"]
+        assert f": {first:.1f} vs {second:.1f}, " in line, line
 
 
 def test_intervals_quoted_in_the_reading_are_those_of_the_rendered_tables(render_docs):

@@ -128,6 +128,28 @@ def test_sbs_ranked_by_the_prior_runs_without_a_value_head():
     assert result.strategy == "SBS (B1=1, B2=3, prior)"
 
 
+def test_sbs_ranked_by_a_reference_policy_uses_the_ranker_it_is_given():
+    """sbs(1,3,reference): the scores of the ranker passed in decide (here: the one that prefers 42, where the
+    searching policy's own prior picks 41); without a ranker the strategy refuses to start."""
+    reference = Strategy.parse("sbs(1,3,reference)")
+    assert (reference.label, reference.slug, reference.needs_value, reference.needs_reference) == (
+        "SBS (B1=1, B2=3, reference)",
+        "sbs1x3-reference",
+        False,
+        True,
+    )
+    assert reference.sbs_config(8, 96).ranker == "prior" and not reference.sbs_config(8, 96).needs_value
+    with pytest.raises(UsageError, match=r"reference policy's prior: pass ranker=PolicyPriorRanker"):
+        evaluate(ScriptedBackend(script), PROBLEMS, reference, sandbox=FakeSandbox(), progress=False)
+
+    def prefers_42(owners, candidates, values):
+        return [1.0 if "42" in state.steps[-1].text else 0.0 for state in candidates]
+
+    backend = ScriptedBackend(script)  # no value_fn: a value call would raise
+    result = evaluate(backend, PROBLEMS, reference, sandbox=FakeSandbox(), progress=False, ranker=prefers_42)
+    assert result.records[0]["answer"] == "42"  # the prior alone picks 41 here (the test above)
+
+
 def test_maj_at_k_votes_over_equivalent_answers():
     # Each of the k samples is its own prompt in one batch: hand out 4, 5, 4 in turn, as sampling would.
     answers = iter([[(FOUR, 0.9)], [(FIVE, 0.8)], [(FOUR, 0.7)]])

@@ -476,3 +476,20 @@ def test_pipeline_prints_its_claims_and_where_its_outputs_are(setting, tmp_path,
     greedy, sbs = (100 * r["accuracy"] for r in rows)  # the rows in the order the setting lists them
     assert line.startswith(f"  - SBS vs greedy: {sbs:.1f} vs {greedy:.1f}, ") and "2 problems" in line
     assert f"outputs: checkpoints, annotation and per-problem JSONL under {root}/" in out
+
+
+def test_evaluate_ranks_sbs_by_a_reference_policy(setting):
+    """sbs(1,2,reference) with --reference_model: a row of its own, read from the reference's prior; without
+    the flag it stops before loading anything, naming the strategy and the flag."""
+    root, config = setting
+    import evaluate
+
+    args = ["--config", config, "--model_name_or_path", str(root / "svpo"), "--strategies", "sbs(1,2,reference)"]
+    with pytest.raises(UsageError, match=r"SBS \(B1=1, B2=2, reference\): .*give --reference_model PATH"):
+        evaluate.main([*args, "--output_dir", str(root / "eval_reference_missing")])
+    rows = evaluate.main(
+        [*args, "--output_dir", str(root / "eval_reference"), "--reference_model", str(root / "sft")]
+    )
+    assert [r["strategy"] for r in rows] == ["SBS (B1=1, B2=2, reference)"]
+    records = (root / "eval_reference" / "svpo__toy__sbs1x2-reference.jsonl").read_text().splitlines()
+    assert len(records) == 2 and rows[0]["num_problems"] == 2

@@ -27,6 +27,11 @@ from .grading import is_equiv
 from .search.backends import GenerationBackend
 from .search.sampler import StepSampler
 from .search.sbs import RANKERS, Ranker, SBSConfig, SBSGenerator, SBSResult
+
+REFERENCE_RANKER = "reference"
+"""``sbs(B1,B2,reference)``: SBS's candidates ranked by a reference policy's prior (a ranker :func:`evaluate` is
+given), beside :data:`~svpo_trl.search.sbs.RANKERS`, which the searching model computes itself."""
+STRATEGY_RANKERS = (*RANKERS, REFERENCE_RANKER)
 from .steps import DEFAULT_FORMAT, StepFormat
 
 Grader = Callable[[str | None, Any], bool]
@@ -42,7 +47,9 @@ class Strategy:
     ``kind`` is ``"greedy"``, ``"sbs"`` (``beam_width`` = B1, ``num_samples`` = B2) or ``"maj"``
     (``k`` sampled solutions at ``temperature``, majority vote). Parse one from text with
     :meth:`parse`: ``greedy``, ``sbs(1,5)`` / ``sbs:3x5``, ``maj@8``; ``sbs(1,5,prior)`` and
-    ``sbs(1,5,value+prior)`` rank SBS's candidates by another ranker (:attr:`SBSConfig.ranker`).
+    ``sbs(1,5,value+prior)`` rank SBS's candidates by another ranker (:attr:`SBSConfig.ranker`), and
+    ``sbs(1,5,reference)`` by the prior of a *reference* policy given to :func:`evaluate` as ``ranker``
+    (:class:`~svpo_trl.search.rankers.PolicyPriorRanker`; ``recipes/evaluate.py --reference_model``).
     """
 
     kind: str = "greedy"
@@ -63,9 +70,9 @@ class Strategy:
             )
         if self.kind == "maj" and self.k < 1:
             raise UsageError(f"maj@{self.k}: k (the number of sampled solutions) must be at least 1")
-        if self.ranker not in RANKERS:
+        if self.ranker not in STRATEGY_RANKERS:
             raise UsageError(
-                f"strategy ranker {self.ranker!r} unknown: expected one of {', '.join(RANKERS)} "
+                f"strategy ranker {self.ranker!r} unknown: expected one of {', '.join(STRATEGY_RANKERS)} "
                 "(e.g. 'sbs(1,5,prior)')"
             )
         if self.temperature is not None and self.temperature < 0:
@@ -107,7 +114,13 @@ class Strategy:
 
     @property
     def needs_value(self) -> bool:
-        return self.kind == "sbs" and self.ranker != "prior"
+        return self.kind == "sbs" and self.ranker not in ("prior", REFERENCE_RANKER)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether SBS ranks by another policy's prior (``sbs(B1,B2,reference)``): :func:`evaluate` needs its
+        ``ranker``."""
+        return self.kind == "sbs" and self.ranker == REFERENCE_RANKER
 
     def sbs_config(self, max_depth: int, max_new_tokens: int) -> SBSConfig:
         """The SBS settings that implement this strategy."""
@@ -117,8 +130,10 @@ class Strategy:
         if self.kind == "greedy":
             return SBSConfig.greedy(**common)
         if self.kind == "sbs":
+            # The reference's scores replace the ranking score; without the value head, as the prior ranker.
+            ranker = "prior" if self.needs_reference else self.ranker
             return SBSConfig(
-                beam_width=self.beam_width, num_samples=self.num_samples, ranker=self.ranker, **common
+                beam_width=self.beam_width, num_samples=self.num_samples, ranker=ranker, **common
             )
         # maj@k: k independent samples, each one step at a time without the value head.
         sample = {"temperature": 0.8, **common}
@@ -195,6 +210,11 @@ def evaluate(
     ``ranker`` replaces SBS's ranking score (e.g. :class:`svpo_trl.search.rankers.PolicyPriorRanker`).
     """
     strategy = Strategy.parse(strategy) if isinstance(strategy, str) else strategy
+    if strategy.needs_reference and ranker is None:
+        raise UsageError(
+            f"{strategy.label}: ranks by a reference policy's prior: pass ranker=PolicyPriorRanker(model, "
+            "tokenizer) (recipes/evaluate.py: --reference_model PATH)"
+        )
     shard = shard if shard is not None else ProcessShard()
     config = strategy.sbs_config(max_depth, max_new_tokens)
     sampler = StepSampler(backend, sandbox=sandbox, step_format=step_format, max_new_tokens=max_new_tokens)

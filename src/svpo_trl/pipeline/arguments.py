@@ -193,6 +193,14 @@ class EvaluateArguments(SearchBackendArguments):
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, float32, bfloat16, float16."})
+    reference_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Policy whose prior ranks the candidates of sbs(B1,B2,reference): for an SVPO model, the "
+            "checkpoint it started from (value SFT). In the value lab this ranker beat greedy decoding by "
+            "+3.0 points pooled over 3 seeds (docs/value_lab.md)."
+        },
+    )
     value_diagnostic: bool = field(
         default=False,
         metadata={

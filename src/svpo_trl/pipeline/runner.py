@@ -127,6 +127,8 @@ def run_pipeline(
             eval_dir = os.path.join(out, "eval", _slug(system["name"]))
             overrides = ["--model_name_or_path", system["model"], "--system_name", system["name"]]
             overrides += ["--output_dir", eval_dir, "--strategies", *system.get("strategies", ["greedy"])]
+            if system.get("reference_model"):  # the policy whose prior ranks sbs(B1,B2,reference)
+                overrides += ["--reference_model", system["reference_model"]]
             (eval_args,) = parse_stage_args("evaluate", [EvaluateArguments], [*config, *overrides])
             configs = {"script": eval_args}
             name = f"evaluate {system['name']}"

@@ -371,6 +371,7 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             problems = problems.select(range(min(args.limit, len(problems))))
         problem_sets.append((os.path.basename(os.path.normpath(dataset_name)), problems))
     shard = ProcessShard.from_environment(args.distributed_timeout_hours)
+    reference = _reference_ranker(args, strategies, shard.device)
     backend = make_backend(
         args.backend,
         args.model_name_or_path,
@@ -397,6 +398,7 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
                 output_jsonl=predictions,
                 shard=shard,
                 resume=args.resume,
+                ranker=reference if strategy.needs_reference else None,
             )
             # Where the per-problem records are: what pipeline.claims compares problem by problem.
             rows.append({**summary_row(system, label, result), "predictions": predictions})
@@ -415,6 +417,29 @@ def run_evaluate(args: EvaluateArguments) -> list[dict[str, Any]]:
             handle.write(results_table(rows) + "\n")
     shard.barrier()
     return rows
+
+
+def _reference_ranker(args: EvaluateArguments, strategies: list, device: Any):
+    """The reference policy's prior for ``sbs(B1,B2,reference)`` strategies (None when none asks for it)."""
+    wanting = [s.label for s in strategies if s.needs_reference]
+    if not wanting:
+        if args.reference_model is not None:
+            print(
+                f"[evaluate] --reference_model {args.reference_model} is not used: no strategy ranks by it "
+                "(add e.g. 'sbs(1,5,reference)')"
+            )
+        return None
+    if args.reference_model is None:
+        raise UsageError(
+            f"{', '.join(wanting)}: ranks by a reference policy's prior: give --reference_model PATH "
+            "(for an SVPO model, the value-SFT checkpoint it started from)"
+        )
+    from ..models.loading import load_policy
+    from ..search.rankers import PolicyPriorRanker
+
+    require_path(args.reference_model, "reference_model")
+    model, tokenizer = load_policy(args.reference_model, args.dtype, value_head=False, device=device)
+    return PolicyPriorRanker(model, tokenizer, batch_size=args.generation_batch_size)
 
 
 def _run_value_diagnostic(args: EvaluateArguments, backend, problems, prefix: str) -> dict[str, Any]:
