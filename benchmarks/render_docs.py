@@ -117,9 +117,11 @@ def demo_claims_seed0() -> str:
 
     data, seeds = _demo_seeds()
     lines = claim_lines(data["seeds"][seeds[0]]["correct"], data["claims"])
-    return "```text\n[pipeline] what this run shows (paired on the same problems):\n" + "\n".join(
-        f"  - {line}" for line in lines
-    ) + "\n```"
+    return (
+        "```text\n[pipeline] what this run shows (paired on the same problems):\n"
+        + "\n".join(f"  - {line}" for line in lines)
+        + "\n```"
+    )
 
 
 def demo_claims() -> str:

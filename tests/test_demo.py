@@ -171,5 +171,5 @@ def test_demo_seeds_overrides_reach_the_setting():
         {"sft": {"max_steps": 600}}, ["sft.max_steps=1500", "num_threads=2", 'sft.toy_misreadings=["a=+"]']
     )
     assert setting == {"sft": {"max_steps": 1500, "toy_misreadings": ["a=+"]}, "num_threads": 2}
-    with pytest.raises(SystemExit, match="expected section.key=value"):
+    with pytest.raises(SystemExit, match=r"expected section\.key=value"):
         module.apply_overrides({}, ["sft.max_steps"])

@@ -206,7 +206,14 @@ def test_the_pages_hold_the_blocks_they_promise(render_docs):
     readme = {name for name, _ in render_docs.blocks_in((ROOT / "README.md").read_text())}
     assert {"demo", "demo_claims_seed0", "reproduce_headline"} <= readme
     results = {name for name, _ in render_docs.blocks_in((ROOT / "docs" / "results.md").read_text())}
-    assert {"demo", "demo_run", "demo_claims", "reproduce_tables", "stage0_calibration", "benchmark_summary"} <= results
+    assert {
+        "demo",
+        "demo_run",
+        "demo_claims",
+        "reproduce_tables",
+        "stage0_calibration",
+        "benchmark_summary",
+    } <= results
     used = set()
     for page in PAGES:
         used |= {name for name, _ in render_docs.blocks_in(page.read_text())}

@@ -484,7 +484,14 @@ def test_evaluate_ranks_sbs_by_a_reference_policy(setting):
     root, config = setting
     import evaluate
 
-    args = ["--config", config, "--model_name_or_path", str(root / "svpo"), "--strategies", "sbs(1,2,reference)"]
+    args = [
+        "--config",
+        config,
+        "--model_name_or_path",
+        str(root / "svpo"),
+        "--strategies",
+        "sbs(1,2,reference)",
+    ]
     with pytest.raises(UsageError, match=r"SBS \(B1=1, B2=2, reference\): .*give --reference_model PATH"):
         evaluate.main([*args, "--output_dir", str(root / "eval_reference_missing")])
     rows = evaluate.main(

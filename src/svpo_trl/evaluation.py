@@ -27,12 +27,12 @@ from .grading import is_equiv
 from .search.backends import GenerationBackend
 from .search.sampler import StepSampler
 from .search.sbs import RANKERS, Ranker, SBSConfig, SBSGenerator, SBSResult
+from .steps import DEFAULT_FORMAT, StepFormat
 
 REFERENCE_RANKER = "reference"
 """``sbs(B1,B2,reference)``: SBS's candidates ranked by a reference policy's prior (a ranker :func:`evaluate` is
 given), beside :data:`~svpo_trl.search.sbs.RANKERS`, which the searching model computes itself."""
 STRATEGY_RANKERS = (*RANKERS, REFERENCE_RANKER)
-from .steps import DEFAULT_FORMAT, StepFormat
 
 Grader = Callable[[str | None, Any], bool]
 
