@@ -7,6 +7,7 @@ import math
 import random
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -434,6 +435,22 @@ def test_load_annotation_layouts(tmp_path, layout):
     assert annotation.summary == ({} if layout.startswith("hub") else SUMMARY)
     with pytest.raises(ValueError, match="not loadable"):
         load_annotation(tmp_path / "does-not-exist")
+
+
+def test_load_annotation_with_no_pairs(tmp_path):
+    """An annotation whose policy made no mistakes has an empty ``pairs``: ``save_to_disk`` writes no Arrow
+    file for it, and loading it raised an IndexError inside ``datasets``."""
+    from datasets import Dataset
+
+    from svpo_trl.viz import load_annotation
+
+    directory = save_annotation(tmp_path / "annotation")
+    pairs = Dataset.from_list(hand_annotation()["pairs"])
+    shutil.rmtree(directory / "pairs")
+    pairs.select([]).save_to_disk(str(directory / "pairs"))
+    annotation = load_annotation(directory)
+    assert len(annotation.pairs) == 0 and annotation.pairs.features == pairs.features
+    assert annotation.trees["id"] == ["q1", "q1", "q2"]
 
 
 # ------------------------------------------------------------------------------------ HTML page

@@ -170,9 +170,12 @@ def print_claims(rows: list[dict[str, Any]], plan: dict[str, Any], out: str) -> 
     print(f"\n[pipeline] outputs: checkpoints, annotation and per-problem JSONL under {out}/")
     trees = os.path.join(out, "annotation", "trees")
     if os.path.isdir(trees):
-        from datasets import load_from_disk
+        from ..data import load_saved_dataset
 
-        first = load_from_disk(trees)[0]["id"]
+        saved = load_saved_dataset(trees)
+        if len(saved) == 0:
+            return
+        first = saved[0]["id"]
         print(
             "[pipeline] open one search tree: python recipes/inspect_search.py tree "
             f"{os.path.dirname(trees)} --id {first} --out tree.html"

@@ -68,11 +68,9 @@ def load_annotation(source: str | Path) -> Annotation:
         parts = {name: loaded[name] for name in DATASET_NAMES if name in loaded}
         summary = _load_summary(path)
     elif path.is_dir() and (path / "trees").is_dir():
-        parts = {
-            name: datasets.load_from_disk(str(path / name))
-            for name in DATASET_NAMES
-            if (path / name).is_dir()
-        }
+        from ..data import load_saved_dataset  # an annotation may have no pairs: an empty dataset on disk
+
+        parts = {name: load_saved_dataset(path / name) for name in DATASET_NAMES if (path / name).is_dir()}
         summary = _load_summary(path)
     else:
         parts = _load_hub(str(source))
