@@ -163,7 +163,13 @@ def print_claims(rows: list[dict[str, Any]], plan: dict[str, Any], out: str) -> 
     from .claims import claim_lines, correct_by_row
 
     claims = plan.get("claims") or []
-    if claims:
+    unrecorded = [f"{r['system']}/{r['strategy']}" for r in rows if not r.get("predictions")]
+    if claims and unrecorded:
+        # Rows read back from an evaluation made before its rows named their per-problem files.
+        print(
+            f"\n[pipeline] claims skipped: {unrecorded} name no per-problem file; evaluate again (--stages evaluate --force)"
+        )
+    elif claims:
         print("\n[pipeline] what this run shows (paired on the same problems):")
         for line in claim_lines(correct_by_row(rows), claims):
             print(f"  - {line}")
