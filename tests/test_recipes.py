@@ -287,6 +287,20 @@ def test_stage_changes_follow_settings_and_inputs(tmp_path):
     assert stage_changes(str(tmp_path / "ann"), "annotate", annotate(limit=6, generation_batch_size=7)) == {}
     assert stage_changes(str(tmp_path / "ann"), "annotate", annotate(limit=200)) == {"limit": (6, 200)}
     assert stage_changes(str(tmp_path / "nowhere"), "annotate", annotate(limit=6)) is None
+    # A field a newer svpo_trl added, unset (None) now, does not make a finished stage stale; set, it does.
+    marker = tmp_path / "ann" / "svpo_stage.json"
+    recorded = json.loads(marker.read_text())
+    recorded["settings"]["script"]["an_added_field"] = "x"
+    marker.write_text(json.dumps(recorded))
+    assert stage_changes(str(tmp_path / "ann"), "annotate", annotate(limit=6)) == {
+        "an_added_field": ("x", None)
+    }
+    del recorded["settings"]["script"]["an_added_field"]
+    del recorded["settings"]["script"]["limit"]
+    marker.write_text(json.dumps(recorded))
+    assert stage_changes(str(tmp_path / "ann"), "annotate", annotate(limit=None)) == {}
+    assert stage_changes(str(tmp_path / "ann"), "annotate", annotate(limit=6)) == {"limit": (None, 6)}
+    mark_stage_done(str(tmp_path / "ann"), "annotate", annotate(limit=6), {})
 
     def value_sft(**training):
         script = TrainScriptArguments(

@@ -154,9 +154,12 @@ def stage_changes(output_dir: str, stage: str, configs: dict[str, Any]) -> dict[
         return {"settings": ("not recorded (an older svpo_trl)", "recorded")}
     old, new = _flatten(marker["settings"]), _flatten(stage_settings(stage, configs))
     missing = object()
+    # A setting the marker does not know that is unset now (a field a newer svpo_trl added, at its None
+    # default) changes nothing the stage made.
+    added_unset = {key for key in set(new) - set(old) if new[key] is None}
     return {
         key: (None if old.get(key, missing) is missing else old[key], new.get(key))
-        for key in sorted(set(old) | set(new))
+        for key in sorted((set(old) | set(new)) - added_unset)
         if old.get(key, missing) != new.get(key, missing)
     }
 
