@@ -138,13 +138,25 @@ def demo_claims() -> str:
 
 
 def demo_run() -> str:
-    """How long each seed of the demo took, and in which setting (docs/results.md)."""
+    """How long the demo takes, and in which setting (docs/results.md)."""
     data, seeds = _demo_seeds()
-    minutes = ", ".join(f"{data['seeds'][s]['pipeline_minutes']:.1f}" for s in seeds)
-    return (
-        f"Pipeline minutes per seed (install excluded, seeds {', '.join(seeds)}): {minutes}, on "
-        f"{data['machine']}, `{data['setting']}` with `num_threads: {data['num_threads']}`."
+    runs = []
+    for s in seeds:
+        run = data["seeds"][s]
+        resumed = f" after reusing {', '.join(run['resumed'])}" if run.get("resumed") else ""
+        runs.append(f"seed {s} {run['pipeline_minutes']:.1f} min{resumed}")
+    text = (
+        f"`{data['setting']}` with `num_threads: {data['num_threads']}`, on {data['machine']}; the seeds' runs: "
+        f"{'; '.join(runs)}."
     )
+    fresh = data.get("fresh_clone")
+    if fresh:
+        text += (
+            f" On a fresh clone with a new virtual environment, `{fresh['command']}` took "
+            f"{fresh['total_minutes']:.1f} minutes: {fresh['install_minutes']:.1f} to install, "
+            f"{fresh['pipeline_minutes']:.1f} for the pipeline ({fresh['note']})."
+        )
+    return text
 
 
 def reproduce_tables() -> str:
