@@ -71,7 +71,7 @@ format: ## ruff fix and format
 	ruff check --fix src tests recipes benchmarks
 	ruff format src tests recipes benchmarks
 
-demo: install ## install, then run the whole pipeline on the embedded toy task (~15 min on 2 cores)
+demo: install ## install, then run the whole pipeline on the embedded toy task (~11 min on 2 cores)
 	$(PYTHON) recipes/pipeline.py --config recipes/configs/toy.yaml
 
 docs: ## re-render every figure block of README.md and docs/ from benchmarks/results/

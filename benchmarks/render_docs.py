@@ -137,6 +137,21 @@ def demo_claims() -> str:
     return "\n".join(lines)
 
 
+def demo_variants() -> str:
+    """Every demo setting measured over seeds (benchmarks/results/demo_seeds.json): each row's accuracy per seed
+    and its range, the rows whose range is over 2 points in bold."""
+    data = _load("demo_seeds.json")
+    rows = []
+    for name, variant in data["variants"].items():
+        seeds = sorted(variant["seeds"], key=int)
+        for key in variant["seeds"][seeds[0]]["correct"]:
+            values = [100 * statistics.fmean(variant["seeds"][s]["correct"][key]) for s in seeds]
+            spread = max(values) - min(values)
+            cell = f"**{spread:.1f}**" if spread > 2 else f"{spread:.1f}"
+            rows.append([name, key, ", ".join(f"{v:.1f}" for v in values), cell])
+    return markdown_table(["setting", "row", "seeds 0, 1, 2", "range"], rows, ["", "", "", "r"])
+
+
 def demo_run() -> str:
     """How long the demo takes, and in which setting (docs/results.md)."""
     data, seeds = _demo_seeds()
@@ -418,6 +433,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo_run": demo_run,
     "demo_claims": demo_claims,
+    "demo_variants": demo_variants,
     "demo_claims_seed0": demo_claims_seed0,
     "reproduce_headline": reproduce_headline,
     "reproduce_tables": reproduce_tables,
