@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -302,8 +303,8 @@ def _stops_at_once(model):
 
 @pytest.fixture(scope="module")
 def demo_outputs(tmp_path_factory):
-    """What the pages assume after `make demo`, in small: outputs/toy/svpo (a checkpoint with a trained-looking
-    value head) and outputs/toy/annotation (a few annotated toy questions), plus ../shared where it exists."""
+    """What the pages assume after `make demo`, in small: outputs/toy/svpo and value_sft (a checkpoint with a
+    trained-looking value head) and outputs/toy/annotation (a few annotated toy questions), plus ../shared where it exists."""
     import torch
 
     from svpo_trl import MCTSAnnotator, MCTSConfig, ValueHeadForCausalLM
@@ -324,8 +325,9 @@ def demo_outputs(tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         model.v_head.weight.copy_(torch.randn(model.v_head.weight.shape, generator=generator) * 0.5)
-    model.save_pretrained(work / "outputs" / "toy" / "svpo")
-    tokenizer.save_pretrained(work / "outputs" / "toy" / "svpo")
+    for stage in ("svpo", "value_sft"):  # value_sft: the reference policy of sbs(1,5,reference)
+        model.save_pretrained(work / "outputs" / "toy" / stage)
+        tokenizer.save_pretrained(work / "outputs" / "toy" / stage)
     # A scripted policy (one right and one wrong answer step per question) gives every tree a pair to draw.
     problems = list(load_problems("toy", split="annotate").select(range(4)))
     gold = {row["question"]: row["answer"] for row in problems}
@@ -389,9 +391,30 @@ def test_every_directive_is_known():
                 assert kind in ("needs-module", "needs-path"), (page, block.line, block.directive)
     for page in PAGES:
         for block in code_blocks(page):
-            assert block.lang in ("python", "bash", "text"), (
-                f"{_page_id(page)}:{block.line}: a code block is python, bash or text (output), not {block.lang!r}"
+            assert block.lang in ("python", "bash", "text", "yaml"), (
+                f"{_page_id(page)}:{block.line}: a code block is python, bash, yaml or text (output), "
+                f"not {block.lang!r}"
             )
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_yaml_blocks_are_settings_the_runner_takes(page):
+    """A YAML block is a piece of a setting file: it parses, and the claims it shows are well-formed."""
+    from svpo_trl.pipeline.claims import claim_lines
+
+    for block in code_blocks(page):
+        if block.lang != "yaml":
+            continue
+        setting = yaml.safe_load(block.code)
+        assert isinstance(setting, dict), f"{_page_id(page)}:{block.line}: not a YAML mapping"
+        claims = (setting.get("pipeline") or {}).get("claims") or []
+        rows = {}
+        for claim in claims:
+            for side in (claim["first"], claim["second"]):
+                from svpo_trl.evaluation import Strategy
+
+                rows[f"{side[0]}/{Strategy.parse(side[1]).label}"] = [1, 0]
+        assert len(claim_lines(rows, claims)) == len(claims)
 
 
 # ---------------------------------------------------------------------------- bash blocks
