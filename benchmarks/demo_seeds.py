@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import yaml
 
-from svpo_trl.cli import load_setting
+from svpo_trl.cli import load_setting, seed_setting
 from svpo_trl.pipeline import run_pipeline
 from svpo_trl.pipeline.claims import claim_lines, correct_by_row
 
@@ -50,20 +50,9 @@ def apply_overrides(setting: dict[str, Any], overrides: list[str]) -> dict[str, 
     return setting
 
 
-def _relocate(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, str):
-        return value.replace(old, new)
-    if isinstance(value, dict):
-        return {k: _relocate(v, old, new) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_relocate(v, old, new) for v in value]
-    return value
-
-
 def run_seed(setting: dict[str, Any], seed: int, root: str) -> dict[str, Any]:
     """The demo's whole pipeline for one seed under ``root``: its rows and per-problem correctness."""
-    old = setting.get("pipeline", {}).get("output_dir", "outputs/toy")
-    seeded = {**_relocate(setting, old, root), "seed": seed}
+    seeded = seed_setting(setting, seed, root)
     os.makedirs(root, exist_ok=True)
     config_path = os.path.join(root, "setting.yaml")
     with open(config_path, "w") as handle:

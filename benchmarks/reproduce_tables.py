@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from svpo_trl.cli import load_setting, parse_stage_args
+from svpo_trl.cli import load_setting, parse_stage_args, seed_setting
 from svpo_trl.pipeline import (
     EvaluateArguments,
     SVPOScriptArguments,
@@ -41,6 +41,7 @@ from svpo_trl.pipeline import (
     run_svpo,
     stage_changes,
 )
+from svpo_trl.pipeline.claims import read_correct
 from svpo_trl.stats import format_difference, paired_bootstrap
 from svpo_trl.trainer.svpo_config import SVPOConfig
 
@@ -86,24 +87,6 @@ COMPARISONS = [
 README_BEGIN, README_END = "<!-- reproduce_tables:begin -->", "<!-- reproduce_tables:end -->"
 
 
-def _relocate(value: Any, old: str, new: str) -> Any:
-    if isinstance(value, str):
-        return value.replace(old, new)
-    if isinstance(value, dict):
-        return {k: _relocate(v, old, new) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_relocate(v, old, new) for v in value]
-    return value
-
-
-def seed_setting(base: dict[str, Any], seed: int, root: str) -> dict[str, Any]:
-    """The setting with every output under ``root`` and every stage seeded with ``seed``."""
-    old = base.get("pipeline", {}).get("output_dir", "outputs/toy")
-    setting = _relocate(base, old, root)
-    setting["seed"] = seed
-    return setting
-
-
 def _fresh(output_dir: str, stage: str, configs: dict[str, Any]) -> bool:
     """Whether ``output_dir`` holds this stage made with these very settings (from these inputs); an output
     made otherwise is moved aside, so that it runs again."""
@@ -113,11 +96,6 @@ def _fresh(output_dir: str, stage: str, configs: dict[str, Any]) -> bool:
             f"[reproduce] {output_dir}: other settings ({describe_changes(changes)}), moved to {move_aside(output_dir)}"
         )
     return changes == {}
-
-
-def _correct(path: str) -> list[int]:
-    with open(path) as handle:
-        return [int(json.loads(line)["correct"]) for line in handle]
 
 
 def run_seed(config_path: str, root: str) -> dict[str, Any]:
@@ -148,7 +126,7 @@ def run_seed(config_path: str, root: str) -> dict[str, Any]:
             mark_stage_done(eval_dir, "evaluate", {"script": eval_args}, {"rows": rows})
         for strategy in strategies:
             [path] = [p for p in os.listdir(eval_dir) if p.endswith(f"__{SLUGS[strategy]}.jsonl")]
-            correct[f"{system}/{strategy}"] = _correct(os.path.join(eval_dir, path))
+            correct[f"{system}/{strategy}"] = read_correct(os.path.join(eval_dir, path))
         if diagnose:
             [path] = [p for p in os.listdir(eval_dir) if p.endswith("__value_diagnostic.json")]
             with open(os.path.join(eval_dir, path)) as handle:

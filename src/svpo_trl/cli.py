@@ -65,6 +65,25 @@ def apply_num_threads(setting: dict[str, Any], path: str) -> None:
     torch.set_num_threads(threads)
 
 
+def _relocate(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, dict):
+        return {k: _relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocate(v, old, new) for v in value]
+    return value
+
+
+def seed_setting(base: dict[str, Any], seed: int, root: str) -> dict[str, Any]:
+    """The setting with every output under ``root`` (each path under ``pipeline.output_dir`` moved there) and
+    every stage seeded with ``seed``: one seed of a setting, beside the others (the benchmarks over seeds)."""
+    old = base.get("pipeline", {}).get("output_dir", "outputs/toy")
+    setting = _relocate(base, old, root)
+    setting["seed"] = seed
+    return setting
+
+
 def setting_sections(setting: dict[str, Any]) -> list[str]:
     """The stage sections a setting file has, in file order (empty for a flat TRL-style file)."""
     return [name for name in setting if name in STAGES]

@@ -71,10 +71,12 @@ def claim_lines(correct: dict[str, Sequence[int]], claims: Sequence[dict[str, An
     return lines
 
 
+def read_correct(path: str) -> list[int]:
+    """The per-problem 0/1 of an evaluation's JSONL (``evaluate(..., output_jsonl=)``), in problem order."""
+    with open(path) as handle:
+        return [int(json.loads(line)["correct"]) for line in handle]
+
+
 def correct_by_row(rows: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
     """Every evaluated row's per-problem 0/1, read from the JSONL its ``predictions`` field names."""
-    correct = {}
-    for row in rows:
-        with open(row["predictions"]) as handle:
-            correct[row_key(row)] = [int(json.loads(line)["correct"]) for line in handle]
-    return correct
+    return {row_key(row): read_correct(row["predictions"]) for row in rows}

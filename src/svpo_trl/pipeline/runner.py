@@ -160,10 +160,10 @@ def run_pipeline(
 def print_claims(rows: list[dict[str, Any]], plan: dict[str, Any], out: str) -> None:
     """After the table: the paired difference of every claim in ``pipeline.claims``, then where the outputs
     are and how to open one search tree."""
-    from .claims import claim_lines, correct_by_row
+    from .claims import claim_lines, correct_by_row, row_key
 
     claims = plan.get("claims") or []
-    unrecorded = [f"{r['system']}/{r['strategy']}" for r in rows if not r.get("predictions")]
+    unrecorded = [row_key(r) for r in rows if not r.get("predictions")]
     if claims and unrecorded:
         # Rows read back from an evaluation made before its rows named their per-problem files.
         print(
