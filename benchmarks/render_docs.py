@@ -187,11 +187,18 @@ HEADLINE_ROWS = [
     "SVPO/greedy",
     "SVPO/sbs(1,5)",
     "SVPO/sbs(3,5)",
+    "SVPO/sbs(1,5,reference)",
+    "DPO (lr 2e-5)/greedy",
+    "SVPO (lr 2e-5)/greedy",
+    "SVPO (lr 2e-5)/sbs(1,5,prior)",
 ]
 HEADLINE_DIFFERENCES = {
     "greedy: SVPO - SFT": "SVPO − SFT (greedy)",
     "greedy: SVPO - DPO": "SVPO − DPO (greedy)",
-    "SVPO: SBS(1,5) - greedy": "SBS(1,5) − greedy (SVPO)",
+    "SVPO: SBS(1,5) - greedy": "SBS(1,5) − greedy (SVPO, ranked by V)",
+    "SVPO: SBS(1,5) ranked by the value-SFT prior - greedy": "SBS(1,5) − greedy (SVPO, ranked by the value-SFT prior)",
+    "greedy (lr 2e-5): SVPO - DPO": "SVPO − DPO at lr 2e-5 (greedy)",
+    "SVPO (lr 2e-5): SBS(1,5) ranked by the prior - greedy": "SBS(1,5) − greedy (SVPO at lr 2e-5, ranked by its prior)",
 }
 
 
@@ -245,6 +252,13 @@ def reproduce_targets() -> str:
     diffs = summary["differences"]
     sft_gain = diffs["greedy: SVPO - SFT"]["per_seed"]
     sbs_gain = diffs["SVPO: SBS(1,5) - greedy"]["per_seed"]
+    reference_gain = diffs["SVPO: SBS(1,5) ranked by the value-SFT prior - greedy"]["per_seed"]
+    svpo_room = []
+    for s in seeds:
+        m = runs[s]["value_by_model"]["SVPO"]
+        svpo_room.append(
+            (100 * m["oracle_ceiling"], pct(runs[s]["correct"]["SVPO/greedy"][: m["num_problems"]]))
+        )
     dpo = diffs["greedy: SVPO - DPO"]
     value = [runs[s]["value_by_model"]["SVPO"] for s in seeds]
     yes = lambda ok, note="": ("yes" if ok else "**no**") + (f" ({note})" if note else "")  # noqa: E731
@@ -270,6 +284,19 @@ def reproduce_targets() -> str:
             yes(all(d["difference"] >= 0.03 for d in sbs_gain)),
         ],
         [
+            "SVPO + SBS(1,5) ranked by the value-SFT prior − greedy ≥ +3, interval above 0",
+            *[_minus(format_difference(d)) for d in reference_gain],
+            yes(all(d["difference"] >= 0.03 and d["low"] > 0 for d in reference_gain)),
+        ],
+        [
+            f"SVPO SBS(1,5) oracle ceiling ≥ greedy + 8 (first {n})",
+            *[f"{c:.1f} vs {g:.1f}" for c, g in svpo_room],
+            yes(
+                min(c - g for c, g in svpo_room) >= 8,
+                _minus(f"{min(c - g for c, g in svpo_room):+.1f} to {max(c - g for c, g in svpo_room):+.1f}"),
+            ),
+        ],
+        [
             "V within-group ≥ 65% and above the prior",
             *[
                 f"{100 * m['within_group_accuracy']:.1f} vs {100 * m['prior_within_group_accuracy']:.1f}"
@@ -287,6 +314,17 @@ def reproduce_targets() -> str:
             "SVPO greedy ≥ DPO greedy on average",
             *[_minus(f"{100 * d['difference']:+.1f}") for d in dpo["per_seed"]],
             yes(dpo["pooled"]["difference"] >= 0, _minus(format_difference(dpo["pooled"])) + " pooled"),
+        ],
+        [
+            "the same at lr 2e-5 (SVPO and DPO)",
+            *[
+                _minus(f"{100 * d['difference']:+.1f}")
+                for d in diffs["greedy (lr 2e-5): SVPO - DPO"]["per_seed"]
+            ],
+            yes(
+                diffs["greedy (lr 2e-5): SVPO - DPO"]["pooled"]["difference"] >= 0,
+                _minus(format_difference(diffs["greedy (lr 2e-5): SVPO - DPO"]["pooled"])) + " pooled",
+            ),
         ],
     ]
     return markdown_table(["target (every seed)", *[f"seed {s}" for s in seeds], "met?"], rows)
@@ -425,7 +463,23 @@ def value_lab(part: str) -> Callable[[], str]:
     return render
 
 
+def value_lab_scale(part: str) -> Callable[[], str]:
+    """One of the lab's scale-test tables (docs/value_lab.md), from benchmarks/results/value_lab_scale.json."""
+
+    def render() -> str:
+        module = _benchmark_module("value_lab_scale")
+        saved = _load("value_lab_scale.json")
+        if part == "sbs":
+            return module.render_sbs(saved, _load("reproduce_tables.json"))
+        return {"sizes": module.render, "epochs": module.render_epochs}[part](saved)
+
+    return render
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "value_lab_scale": value_lab_scale("sizes"),
+    "value_lab_scale_epochs": value_lab_scale("epochs"),
+    "value_lab_scale_sbs": value_lab_scale("sbs"),
     "value_lab_rankers": value_lab("rankers"),
     "value_lab_analysis": value_lab("analysis"),
     "value_lab_sbs": value_lab("sbs"),

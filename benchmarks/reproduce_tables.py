@@ -45,12 +45,21 @@ from svpo_trl.pipeline.claims import read_correct
 from svpo_trl.stats import format_difference, paired_bootstrap
 from svpo_trl.trainer.svpo_config import SVPOConfig
 
-# Model folders under a seed's root, and the rows evaluated on each: "<system>/<strategy>".
+# SVPO trained otherwise from the same value-pre-trained model on the same annotation:
+# output folder -> (row name, arguments of recipes/train_svpo.py on top of the setting's svpo section).
 ABLATIONS = {
-    "svpo_no_margin": ("svpo_no_margin", "SVPO w/o margin"),
-    "svpo_no_mse": ("svpo_no_mse", "SVPO w/o MSE"),
-    "svpo_no_regularization": ("svpo_no_reg", "SVPO w/o regularization"),
+    "svpo_no_margin": ("SVPO w/o margin", ["--recipe", "svpo_no_margin"]),
+    "svpo_no_mse": ("SVPO w/o MSE", ["--recipe", "svpo_no_mse"]),
+    "svpo_no_reg": ("SVPO w/o regularization", ["--recipe", "svpo_no_regularization"]),
+    # The learning rate: at the setting's 1e-4 SVPO fell 12 points below value SFT on seed 1 while DPO did
+    # not; both again at 2e-5 (value SFT's rate in the paper, 4x its SVPO rate of 5e-6).
+    "svpo_lr2e-5": ("SVPO (lr 2e-5)", ["--learning_rate", "2e-5"]),
+    "dpo_lr2e-5": (
+        "DPO (lr 2e-5)",
+        ["--recipe", "dpo", "--dataset_config", "solution_pairs", "--learning_rate", "2e-5"],
+    ),
 }
+# Model folders under a seed's root, and the rows evaluated on each: "<system>/<strategy>".
 ROWS: dict[str, tuple[str, list[str]]] = {
     "SFT": ("sft", ["greedy"]),
     "Value SFT": ("value_sft", ["greedy"]),
@@ -61,7 +70,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "SVPO w/o margin": ("svpo_no_margin", ["greedy"]),
     "SVPO w/o MSE": ("svpo_no_mse", ["greedy"]),
     "SVPO w/o regularization": ("svpo_no_reg", ["greedy"]),
+    "SVPO (lr 2e-5)": ("svpo_lr2e-5", ["greedy", "sbs(1,5,reference)"]),
+    "DPO (lr 2e-5)": ("dpo_lr2e-5", ["greedy"]),
 }
+# Rows added once a system's other rows existed: (system, model folder, strategies, evaluation folder). An
+# evaluation folder of their own leaves the earlier ones fresh (a changed strategy list re-runs a folder).
+LATER_ROWS = [("SVPO (lr 2e-5)", "svpo_lr2e-5", ["sbs(1,5,prior)"], "svpo_lr2e-5_prior")]
 SLUGS = {
     "greedy": "greedy",
     "sbs(1,5)": "sbs1x5",
@@ -70,7 +84,7 @@ SLUGS = {
     "sbs(1,5,reference)": "sbs1x5-reference",
 }
 # The policy whose prior ranks a system's sbs(B1,B2,reference) rows: SVPO's starting point.
-REFERENCE = {"svpo": "value_sft"}
+REFERENCE = {"svpo": "value_sft", "svpo_lr2e-5": "value_sft"}
 # The differences the issue asks for: (label, first row, second row).
 COMPARISONS = [
     ("SVPO: SBS(1,5) - greedy", "SVPO/sbs(1,5)", "SVPO/greedy"),
@@ -83,6 +97,19 @@ COMPARISONS = [
     ("greedy: w/o margin - SVPO", "SVPO w/o margin/greedy", "SVPO/greedy"),
     ("greedy: w/o MSE - SVPO", "SVPO w/o MSE/greedy", "SVPO/greedy"),
     ("greedy: w/o regularization - SVPO", "SVPO w/o regularization/greedy", "SVPO/greedy"),
+    ("greedy: SVPO - value SFT", "SVPO/greedy", "Value SFT/greedy"),
+    ("greedy (lr 2e-5): SVPO - DPO", "SVPO (lr 2e-5)/greedy", "DPO (lr 2e-5)/greedy"),
+    ("greedy (lr 2e-5): SVPO - value SFT", "SVPO (lr 2e-5)/greedy", "Value SFT/greedy"),
+    (
+        "SVPO (lr 2e-5): SBS(1,5) ranked by the value-SFT prior - greedy",
+        "SVPO (lr 2e-5)/sbs(1,5,reference)",
+        "SVPO (lr 2e-5)/greedy",
+    ),
+    (
+        "SVPO (lr 2e-5): SBS(1,5) ranked by the prior - greedy",
+        "SVPO (lr 2e-5)/sbs(1,5,prior)",
+        "SVPO (lr 2e-5)/greedy",
+    ),
 ]
 README_BEGIN, README_END = "<!-- reproduce_tables:begin -->", "<!-- reproduce_tables:end -->"
 
@@ -100,11 +127,11 @@ def _fresh(output_dir: str, stage: str, configs: dict[str, Any]) -> bool:
 
 def run_seed(config_path: str, root: str) -> dict[str, Any]:
     """Every stage, ablation, evaluation and the value diagnostic of one seed (resuming what is done)."""
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     run_pipeline(config_path, stages=["sft", "annotate", "value_sft", "svpo", "dpo"])
-    for recipe, (folder, _) in ABLATIONS.items():
+    for folder, (_, extra) in ABLATIONS.items():
         out = os.path.join(root, folder)
-        args = ["--config", config_path, "--recipe", recipe, "--output_dir", out]
+        args = ["--config", config_path, *extra, "--output_dir", out]
         script_args, training_args = parse_stage_args("svpo", [SVPOScriptArguments, SVPOConfig], args)
         apply_recipe(script_args, training_args)
         # Skipped only when made with these very settings (an ablation of a stale model runs again).
@@ -113,9 +140,10 @@ def run_seed(config_path: str, root: str) -> dict[str, Any]:
         run_svpo(script_args, training_args)
     correct: dict[str, list[int]] = {}
     value: dict[str, Any] = {}
-    for system, (folder, strategies) in ROWS.items():
-        eval_dir = os.path.join(root, "eval_tables", folder)
-        diagnose = folder in ("sft", "svpo")  # the stage-0 policy and the model SBS decodes with
+    evaluations = [(system, folder, strategies, folder) for system, (folder, strategies) in ROWS.items()]
+    for system, folder, strategies, eval_name in [*evaluations, *LATER_ROWS]:
+        eval_dir = os.path.join(root, "eval_tables", eval_name)
+        diagnose = eval_name in ("sft", "svpo")  # the stage-0 policy and the model SBS decodes with
         args = ["--config", config_path, "--model_name_or_path", os.path.join(root, folder)]
         args += ["--system_name", folder, "--output_dir", eval_dir, "--strategies", *strategies]
         args += ["--value_diagnostic"] if diagnose else []
@@ -136,6 +164,8 @@ def run_seed(config_path: str, root: str) -> dict[str, Any]:
         "value": value.get("SVPO"),
         "value_by_model": value,
         "seconds": time.perf_counter() - began,
+        # Machine time: what the seed cost however many seeds shared the cores.
+        "cpu_seconds": time.process_time() - cpu_began,
     }
 
 
@@ -198,12 +228,12 @@ def tables(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                 )
                 summary["value"].setdefault(system, {})[s] = m
     seconds = [runs[s].get("seconds") for s in seeds]
+    cpu = [runs[s].get("cpu_seconds") for s in seeds]
     if all(seconds):
-        lines += [
-            "",
-            f"Wall time per seed: {', '.join(f'{t / 60:.0f} min' for t in seconds)} (2 CPU cores, shared by the seeds "
-            "that ran as parallel processes).",
-        ]
+        timing = f"Wall time per seed: {', '.join(f'{t / 60:.0f} min' for t in seconds)}"
+        if all(cpu):
+            timing += f"; CPU time {', '.join(f'{t / 60:.0f} min' for t in cpu)}"
+        lines += ["", timing + " (2 CPU cores, shared by the seeds that ran as parallel processes)."]
     return "\n".join(lines), summary
 
 
@@ -221,12 +251,14 @@ def update_readme(readme: str, markdown: str) -> None:
 
 
 def _saved_runs(path: str, config: str) -> dict[str, dict[str, Any]]:
-    """The per-seed runs saved in ``path`` for this setting file (none if it holds another setting's)."""
+    """The per-seed runs saved in ``path`` for this setting file as it reads now (none if ``path`` holds another
+    file's, or this file's under other contents: seeds of two settings never share a table)."""
     if not os.path.exists(path):
         return {}
     with open(path) as handle:
         saved = json.load(handle)
-    return saved.get("runs", {}) if saved.get("config") == config else {}
+    same = saved.get("config") == config and saved.get("setting") == load_setting(config)
+    return saved.get("runs", {}) if same else {}
 
 
 def main() -> None:
@@ -256,12 +288,17 @@ def main() -> None:
                 yaml.safe_dump(seed_setting(base, seed, root), handle, sort_keys=False)
             run = run_seed(config_path, root)
             print(f"[reproduce] seed {seed} done in {run['seconds']:.0f}s", flush=True)
+            earlier = _saved_runs(path, args.config).get(str(seed))
+            if earlier:  # a resumed seed: its cost is every invocation's, not only the last one's
+                run["invocations"] = earlier.get("invocations", 1) + 1
+                for key in ("seconds", "cpu_seconds"):
+                    run[key] += earlier.get(key, 0.0)
             # After every seed, merged with what is on disk now: a stopped run keeps what it finished, and
             # seeds run as parallel processes (one --seeds each) end up in one file.
             runs = {**_saved_runs(path, args.config), str(seed): run}
             os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
             with open(path + ".tmp", "w") as handle:
-                json.dump({"config": args.config, "runs": runs}, handle)
+                json.dump({"config": args.config, "setting": base, "runs": runs}, handle)
             os.replace(path + ".tmp", path)
     # What is on disk now (every seed, this process's and parallel ones'), this process's own runs on top.
     runs = {**_saved_runs(path, args.config), **runs}
@@ -269,7 +306,8 @@ def main() -> None:
         raise SystemExit(f"no runs of {args.config} in {path}: run without --render-only first")
     markdown, summary = tables(runs)
     with open(path, "w") as handle:
-        json.dump({"config": args.config, "runs": runs, "summary": summary}, handle)
+        setting = load_setting(args.config)
+        json.dump({"config": args.config, "setting": setting, "runs": runs, "summary": summary}, handle)
     with open(args.results + ".md", "w") as handle:
         handle.write(f"# Miniature reproduction of Tables 3 and 5 (`{args.config}`)\n\n{markdown}\n")
     if args.readme:

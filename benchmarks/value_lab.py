@@ -339,11 +339,13 @@ def finetune_value_model(
     lr: float = 5e-4,
     batch_groups: int = 16,
     seed: int = 0,
+    label_key: str = "alg1",
 ) -> Any:
     """A copy of the policy at ``path`` trained as a value model on the training groups, every weight free
     (rStar-Math's separate process preference model, from the policy's weights).
 
-    ``pairwise``: logistic loss on V(step end) differences of sibling pairs ordered by Algorithm 1's label;
+    ``pairwise``: logistic loss on V(step end) differences of sibling pairs ordered by Algorithm 1's label
+    (``label_key="alg1"``; ``"label"``: the gold one);
     ``token_mse``: V at *every* model-written token of the step regressed on the Eq. 7 label (Value-Guided
     Search's token-level value loss), read at the step end at test time.
     """
@@ -355,8 +357,8 @@ def finetune_value_model(
     model.train()
     encoded = encode_candidates(tokenizer, groups)
     flat, owner = flat_candidates(groups)
-    alg1 = np.asarray([1.0 if c["alg1"] else -1.0 for c in flat])
-    target = np.asarray([c["target"] for c in flat])
+    alg1 = np.asarray([1.0 if c[label_key] else -1.0 for c in flat])
+    target = np.asarray([c.get("target", np.nan) for c in flat])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id or 0
     group_ids = list(range(len(groups)))

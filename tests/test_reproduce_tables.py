@@ -94,9 +94,28 @@ def test_committed_results_have_the_keys_the_readme_promises(committed):
     for seed, run in committed["runs"].items():
         lengths = {len(v) for v in run["correct"].values()}
         assert len(lengths) == 1, f"seed {seed}: rows on different numbers of problems {lengths}"
-        for row in ("SFT/greedy", "DPO/greedy", "SVPO/greedy", "SVPO/sbs(1,5)", "SVPO/sbs(3,5)"):
+        for row in (
+            "SFT/greedy",
+            "DPO/greedy",
+            "SVPO/greedy",
+            "SVPO/sbs(1,5)",
+            "SVPO/sbs(3,5)",
+            "SVPO/sbs(1,5,reference)",
+        ):
             assert row in run["correct"] and set(run["correct"][row]) <= {0, 1}, (seed, row)
         assert {"within_group_accuracy", "prior_within_group_accuracy"} <= set(run["value"])
+
+
+def test_committed_results_were_made_with_the_setting_in_the_repository(committed):
+    """Every seed in the file ran toy_reproduce.yaml as it reads now (a changed setting drops older seeds)."""
+    import yaml
+
+    setting = yaml.safe_load((ROOT / committed["config"]).read_text())
+    assert committed["setting"] == setting, (
+        f"{committed['config']} changed since the committed runs: rerun them"
+    )
+    for seed, run in committed["runs"].items():
+        assert 0 < run["cpu_seconds"] <= 60 * 60, f"seed {seed}: {run['cpu_seconds'] / 60:.0f} CPU minutes"
 
 
 def test_results_page_block_is_rendered_from_the_committed_results(reproduce, committed):
@@ -110,3 +129,18 @@ def test_results_page_block_is_rendered_from_the_committed_results(reproduce, co
     assert block.strip() == markdown.strip(), (
         "docs/results.md reproduction block is stale: run --render-only --readme docs/results.md"
     )
+
+
+def test_saved_seeds_of_another_setting_are_not_merged(reproduce, tmp_path):
+    config = tmp_path / "setting.yaml"
+    config.write_text("seed: 0\nsft: {max_steps: 10}\n")
+    saved = tmp_path / "results.json"
+    runs = {"0": {"correct": {"SFT/greedy": [1, 0]}}}
+    saved.write_text(
+        json.dumps({"config": str(config), "setting": {"seed": 0, "sft": {"max_steps": 10}}, "runs": runs})
+    )
+    assert reproduce._saved_runs(str(saved), str(config)) == runs
+    config.write_text("seed: 0\nsft: {max_steps: 20}\n")  # the same file, edited since: its seeds would mix
+    assert reproduce._saved_runs(str(saved), str(config)) == {}
+    saved.write_text(json.dumps({"config": str(config), "runs": runs}))  # written before settings were kept
+    assert reproduce._saved_runs(str(saved), str(config)) == {}
