@@ -368,6 +368,7 @@ def benchmark_summary() -> str:
     overhead = _load("trainer_overhead.json")
     annotation = _load("annotation_throughput.json")
     gsm8k = _load("gsm8k_step_conversion.json")
+    backbone = _load("toy_backbone_cost.json")["sizes"]
     params = overhead["setup"]["parameters"] / 1e6
     rows = [
         [
@@ -417,6 +418,20 @@ def benchmark_summary() -> str:
             "the paper's Table 3 and Table 5 at toy scale over seeds",
             "see [the reproduction](results.md#miniature-reproduction-of-tables-3-and-5)",
             "—",
+        ],
+        [
+            "`benchmarks/value_lab.py`, `benchmarks/value_lab_scale.py`",
+            "step rankers and value heads on frozen sibling groups; heads trained on on-policy siblings by size",
+            "see [the value lab](value_lab.md)",
+            "≥ 70% within-group, above the prior",
+        ],
+        [
+            "`benchmarks/toy_backbone_cost.py`",
+            "a training step and a generation batch of larger toy backbones, one CPU thread",
+            f"256 × 4: **{backbone['256x4']['train_step_s'] / backbone['128x2']['train_step_s']:.1f}×** the "
+            f"miniature's training step, {backbone['256x4']['generate_64x96_s'] / backbone['128x2']['generate_64x96_s']:.1f}× "
+            "its generation",
+            "a seed ≤ 60 CPU min",
         ],
     ]
     return markdown_table(["script", "what it measures", "result", "target"], rows)
