@@ -278,27 +278,28 @@ def main() -> None:
     args = parser.parse_args()
     path = args.results + ".json"
     runs: dict[str, dict[str, Any]] = {}
+    setting = load_setting(args.config)
     if not args.render_only:
-        base = load_setting(args.config)
         for seed in args.seeds:
             root = os.path.join(args.root, f"seed{seed}")
             os.makedirs(root, exist_ok=True)
             config_path = os.path.join(root, "setting.yaml")
             with open(config_path, "w") as handle:
-                yaml.safe_dump(seed_setting(base, seed, root), handle, sort_keys=False)
+                yaml.safe_dump(seed_setting(setting, seed, root), handle, sort_keys=False)
             run = run_seed(config_path, root)
             print(f"[reproduce] seed {seed} done in {run['seconds']:.0f}s", flush=True)
-            earlier = _saved_runs(path, args.config).get(str(seed))
+            saved = _saved_runs(path, args.config)
+            earlier = saved.get(str(seed))
             if earlier:  # a resumed seed: its cost is every invocation's, not only the last one's
                 run["invocations"] = earlier.get("invocations", 1) + 1
                 for key in ("seconds", "cpu_seconds"):
                     run[key] += earlier.get(key, 0.0)
             # After every seed, merged with what is on disk now: a stopped run keeps what it finished, and
             # seeds run as parallel processes (one --seeds each) end up in one file.
-            runs = {**_saved_runs(path, args.config), str(seed): run}
+            runs = {**saved, str(seed): run}
             os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
             with open(path + ".tmp", "w") as handle:
-                json.dump({"config": args.config, "setting": base, "runs": runs}, handle)
+                json.dump({"config": args.config, "setting": setting, "runs": runs}, handle)
             os.replace(path + ".tmp", path)
     # What is on disk now (every seed, this process's and parallel ones'), this process's own runs on top.
     runs = {**_saved_runs(path, args.config), **runs}
@@ -306,7 +307,6 @@ def main() -> None:
         raise SystemExit(f"no runs of {args.config} in {path}: run without --render-only first")
     markdown, summary = tables(runs)
     with open(path, "w") as handle:
-        setting = load_setting(args.config)
         json.dump({"config": args.config, "setting": setting, "runs": runs, "summary": summary}, handle)
     with open(args.results + ".md", "w") as handle:
         handle.write(f"# Miniature reproduction of Tables 3 and 5 (`{args.config}`)\n\n{markdown}\n")

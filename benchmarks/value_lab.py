@@ -83,26 +83,35 @@ def prepare(seed: int, heldout: int, seed_root: str, lab_root: str) -> None:
     print(f"[lab] seed {seed}: {len(held)} held-out groups ({len(mixed_groups(held))} mixed)", flush=True)
 
 
-def load_groups(lab_root: str, seed: int) -> dict[str, list[dict[str, Any]]]:
+def load_groups(
+    lab_root: str, seed: int, names: tuple[str, ...] = ("train", "heldout")
+) -> dict[str, list[dict[str, Any]]]:
+    """One seed's frozen groups, ``<lab>/seed<N>/<name>_groups`` for each of ``names``."""
     from svpo_trl.data import load_saved_dataset
 
     base = os.path.join(lab_root, f"seed{seed}")
     return {
-        name: [dict(r) for r in load_saved_dataset(os.path.join(base, f"{name}_groups"))]
-        for name in ("train", "heldout")
+        name: [dict(r) for r in load_saved_dataset(os.path.join(base, f"{name}_groups"))] for name in names
     }
 
 
 # ---------------------------------------------------------------------------- features
-def checkpoint_scores(path: str, groups: dict[str, list], *, hidden: bool) -> dict[str, dict[str, Any]]:
+# the embeddings (0), the first decoder layer's output (1) and the final, normed state (-1)
+HIDDEN_LAYERS = (0, 1, -1)
+
+
+def checkpoint_scores(
+    path: str, groups: dict[str, list], *, hidden_layers: tuple[int, ...] = (), token_states: bool = False
+) -> dict[str, dict[str, Any]]:
+    """:func:`score_candidates` of every set of ``groups`` under the checkpoint at ``path``."""
     from svpo_trl.models.loading import load_policy
 
     model, tokenizer = load_policy(path)
     tokenizer.padding_side = "right"
-    # the embeddings (0), the first decoder layer's output (1) and the final, normed state (-1)
-    layers = (0, 1, -1) if hidden else ()
     return {
-        name: score_candidates(model, tokenizer, g, batch_size=128, hidden_layers=layers, token_states=hidden)
+        name: score_candidates(
+            model, tokenizer, g, batch_size=128, hidden_layers=hidden_layers, token_states=token_states
+        )
         for name, g in groups.items()
     }
 
@@ -428,7 +437,12 @@ def run_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
     src = os.path.join(seed_root, f"seed{seed}")
     groups = load_groups(lab_root, seed)
     scores = {
-        name: checkpoint_scores(os.path.join(src, name), groups, hidden=name == "svpo")
+        name: checkpoint_scores(
+            os.path.join(src, name),
+            groups,
+            hidden_layers=HIDDEN_LAYERS if name == "svpo" else (),
+            token_states=name == "svpo",
+        )
         for name in ("sft", "value_sft", "svpo")
     }
     rows: dict[str, dict[str, Any]] = {}
@@ -803,18 +817,25 @@ def _load(path: str) -> dict[str, Any]:
         return json.load(handle)
 
 
+def parse_lab_arguments(parser: argparse.ArgumentParser, results: str) -> argparse.Namespace:
+    """The lab scripts' shared flags (seeds, the reproduction's and the lab's roots, the results file), parsed;
+    torch's threads set from ``SVPO_LAB_THREADS`` (1 by default)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seed-root", default=SEED_ROOT)
+    parser.add_argument("--lab-root", default=LAB_ROOT)
+    parser.add_argument("--results", default=results)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("SVPO_LAB_THREADS", "1")))
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["prepare", "run", "sbs-reference", "sbs", "render"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heldout", type=int, default=300, help="test problems of the held-out groups")
-    parser.add_argument("--seed-root", default=SEED_ROOT)
-    parser.add_argument("--lab-root", default=LAB_ROOT)
-    parser.add_argument("--results", default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("SVPO_LAB_THREADS", "1")))
+    args = parse_lab_arguments(parser, RESULTS)
     path = args.results + ".json"
     if args.command == "prepare":
         for seed in args.seeds:

@@ -80,12 +80,10 @@ def prepare(seed: int, num_questions: int, seed_root: str, lab_root: str) -> Non
 
 def first_questions(groups: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """The groups of the first ``n`` questions (group ids are ``<question id>/<state>``, in question order)."""
-    seen: list[str] = []
+    seen: set[str] = set()
     out = []
     for g in groups:
-        question = g["id"].rsplit("/", 1)[0]
-        if question not in seen:
-            seen.append(question)
+        seen.add(g["id"].rsplit("/", 1)[0])
         if len(seen) > n:
             break
         out.append(g)
@@ -93,23 +91,14 @@ def first_questions(groups: list[dict[str, Any]], n: int) -> list[dict[str, Any]
 
 
 def run_seed(seed: int, seed_root: str, lab_root: str, sizes: tuple[int, ...]) -> dict[str, Any]:
-    from svpo_trl.data import load_saved_dataset
-    from svpo_trl.models.loading import load_policy
-
     began = time.perf_counter()
     src = os.path.join(seed_root, f"seed{seed}")
-    base = os.path.join(lab_root, f"seed{seed}")
-    onpolicy = [dict(r) for r in load_saved_dataset(os.path.join(base, "onpolicy_groups"))]
-    heldout = [dict(r) for r in load_saved_dataset(os.path.join(base, "heldout_groups"))]
-    model, tokenizer = load_policy(os.path.join(src, "svpo"))
-    tokenizer.padding_side = "right"
-    svpo = {
-        name: score_candidates(model, tokenizer, g, batch_size=128, hidden_layers=(-1,))
-        for name, g in (("onpolicy", onpolicy), ("heldout", heldout))
-    }
-    reference, reference_tokenizer = load_policy(os.path.join(src, "value_sft"))
-    reference_tokenizer.padding_side = "right"
-    reference_prior = score_candidates(reference, reference_tokenizer, heldout, batch_size=128)["prob_mean"]
+    sets = lab.load_groups(lab_root, seed, ("onpolicy", "heldout"))
+    onpolicy, heldout = sets["onpolicy"], sets["heldout"]
+    svpo = lab.checkpoint_scores(os.path.join(src, "svpo"), sets, hidden_layers=(-1,))
+    reference_prior = lab.checkpoint_scores(os.path.join(src, "value_sft"), {"heldout": heldout})["heldout"][
+        "prob_mean"
+    ]
     rows: dict[str, dict[str, Any]] = {}
     asked = [n for n in sizes if n <= len({g["id"].rsplit("/", 1)[0] for g in onpolicy})]
 
@@ -130,8 +119,10 @@ def run_seed(seed: int, seed_root: str, lab_root: str, sizes: tuple[int, ...]) -
         lab._zscore_within(heldout, reference_prior) + lab._zscore_within(heldout, recorded),
         0.0,
     )
+    sizes_seen = {}
     for n in asked:
         train = first_questions(onpolicy, n)
+        sizes_seen[str(n)] = {"groups": len(train), "mixed": len(mixed_groups(train))}
         count = len(flat_candidates(train)[0])
         target = lab._target(train, "gold")
         for name, kind, source in HEADS:
@@ -160,13 +151,6 @@ def run_seed(seed: int, seed_root: str, lab_root: str, sizes: tuple[int, ...]) -
         combined = lab._zscore_within(heldout, reference_prior) + lab._zscore_within(heldout, held)
         add(COMBINED, n, None, combined, 0.0)
         print(f"[scale] seed {seed}: {n} questions done ({time.perf_counter() - began:.0f} s)", flush=True)
-    sizes_seen = {
-        str(n): {
-            "groups": len(first_questions(onpolicy, n)),
-            "mixed": len(mixed_groups(first_questions(onpolicy, n))),
-        }
-        for n in asked
-    }
     return {
         "rows": rows,
         "sizes": sizes_seen,
@@ -188,19 +172,8 @@ EPOCH_HEADS = [
 def epochs_seed(seed: int, seed_root: str, lab_root: str) -> dict[str, Any]:
     """Frozen heads, pairwise on gold labels, trained on the annotation's trees or on the 1500 on-policy
     questions for each of :data:`SCHEDULES`: the fit and held-out within-group accuracy."""
-    from svpo_trl.data import load_saved_dataset
-    from svpo_trl.models.loading import load_policy
-
-    base = os.path.join(lab_root, f"seed{seed}")
-    sets = {
-        name: [dict(r) for r in load_saved_dataset(os.path.join(base, f"{name}_groups"))]
-        for name in ("train", "onpolicy", "heldout")
-    }
-    model, tokenizer = load_policy(os.path.join(seed_root, f"seed{seed}", "svpo"))
-    tokenizer.padding_side = "right"
-    scores = {
-        n: score_candidates(model, tokenizer, g, batch_size=128, hidden_layers=(-1,)) for n, g in sets.items()
-    }
+    sets = lab.load_groups(lab_root, seed, ("train", "onpolicy", "heldout"))
+    scores = lab.checkpoint_scores(os.path.join(seed_root, f"seed{seed}", "svpo"), sets, hidden_layers=(-1,))
     held_n = len(flat_candidates(sets["heldout"])[0])
     out: dict[str, Any] = {}
     for trained_on in ("train", "onpolicy"):
@@ -258,12 +231,11 @@ class HeadPlusPriorRanker:
         self.policy, self.tokenizer, self.head, self.reference = policy, policy_tokenizer, head, reference
 
     def __call__(self, owners, candidates, values):
+        from svpo_trl.search.rankers import last_step_groups
         from svpo_trl.search.sbs import zscores
 
         if not candidates:
             return []
-        from svpo_trl.search.rankers import last_step_groups
-
         groups = last_step_groups(candidates)
         prior = np.asarray(self.reference(owners, candidates, values))
         feats = score_candidates(self.policy, self.tokenizer, groups, batch_size=128, hidden_layers=(-1,))
@@ -281,21 +253,20 @@ class HeadPlusPriorRanker:
 def sbs_seed(seed: int, seed_root: str, lab_root: str, limit: int = 1000) -> dict[str, Any]:
     """SBS(1,5) with the SVPO policy ranked by the value-SFT prior + a frozen MLP on the mean step-token state
     trained on the 1500 on-policy questions' gold labels; the lab metrics of that ranker first."""
-    from svpo_trl.data import load_problems, load_saved_dataset
+    from svpo_trl.data import load_problems
     from svpo_trl.evaluation import Strategy, evaluate
     from svpo_trl.models.loading import load_policy
     from svpo_trl.search.backends import HFBackend
     from svpo_trl.search.rankers import PolicyPriorRanker
 
     began = time.perf_counter()
-    src, base = os.path.join(seed_root, f"seed{seed}"), os.path.join(lab_root, f"seed{seed}")
-    onpolicy = [dict(r) for r in load_saved_dataset(os.path.join(base, "onpolicy_groups"))]
-    heldout = [dict(r) for r in load_saved_dataset(os.path.join(base, "heldout_groups"))]
+    src = os.path.join(seed_root, f"seed{seed}")
+    sets = lab.load_groups(lab_root, seed, ("onpolicy", "heldout"))
+    onpolicy, heldout = sets["onpolicy"], sets["heldout"]
     model, tokenizer = load_policy(os.path.join(src, "svpo"))
     tokenizer.padding_side = "right"
     feats = {
-        n: score_candidates(model, tokenizer, g, batch_size=128, hidden_layers=(-1,))
-        for n, g in (("onpolicy", onpolicy), ("heldout", heldout))
+        n: score_candidates(model, tokenizer, g, batch_size=128, hidden_layers=(-1,)) for n, g in sets.items()
     }
     inputs = {n: lab.frozen_inputs(feats[n], "mean:-1") for n in feats}
     target = lab._target(onpolicy, "gold")
@@ -423,14 +394,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["prepare", "run", "epochs", "sbs", "render"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--onpolicy", type=int, default=max(SIZES), help="annotate-split questions to sample")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="training sizes, questions")
-    parser.add_argument("--seed-root", default=lab.SEED_ROOT)
-    parser.add_argument("--lab-root", default=lab.LAB_ROOT)
-    parser.add_argument("--results", default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("SVPO_LAB_THREADS", "1")))
+    args = lab.parse_lab_arguments(parser, RESULTS)
     path = args.results + ".json"
     if args.command == "prepare":
         for seed in args.seeds:
